@@ -1,0 +1,1 @@
+"""minimind-v: a tiny vision-language model you train from scratch."""

@@ -1,0 +1,8 @@
+"""The one exception a user ever sees: a mistake in their input, reported in one line."""
+
+
+class UserError(Exception):
+    """Bad usage or bad input. The CLI prints `error: <message>` and exits with status 2.
+
+    The message names the file, line or field at fault, so the user can fix it without a traceback.
+    """

@@ -1,0 +1,1 @@
+"""Architecture only: the language model, the vision tower, the projector and the VLM that joins them."""

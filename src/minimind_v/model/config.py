@@ -1,0 +1,119 @@
+"""Typed configuration of the model. Serialised as the `config.json` of a model directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class LMConfig:
+    """The MiniMind language model (Llama-style decoder)."""
+
+    vocab_size: int = 6400
+    """Tokens in the vocabulary; the embedding and the tied LM head have this many rows."""
+    hidden_size: int = 512
+    """Width of the residual stream."""
+    num_hidden_layers: int = 8
+    """Number of decoder blocks."""
+    num_attention_heads: int = 8
+    """Query heads; head_dim = hidden_size / num_attention_heads."""
+    num_key_value_heads: int = 2
+    """Key/value heads (grouped-query attention); divides num_attention_heads."""
+    intermediate_size: int | None = None
+    """SwiGLU width; None means the original's rule 64 * ceil(int(8 * hidden / 3) / 64)."""
+    max_position_embeddings: int = 32768
+    """Longest sequence the RoPE tables are built for."""
+    rope_theta: float = 1e6
+    """RoPE base."""
+    rope_scaling: dict[str, Any] | None = None
+    """YaRN scaling, e.g. {"type": "yarn", "factor": 4, "original_max_position_embeddings": 2048, "beta_fast": 4, "beta_slow": 1}."""
+    rms_norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    qk_norm: bool = False
+    """RMSNorm on queries and keys per head (the 2026 generation); off for the original."""
+    dropout: float = 0.0
+    """Dropout on embeddings and attention during training."""
+    use_moe: bool = False
+    """Replace every FFN by a mixture of experts."""
+    n_routed_experts: int = 4
+    """Routed experts per MoE layer."""
+    num_experts_per_tok: int = 2
+    """Experts chosen per token (top-k)."""
+    n_shared_experts: int = 1
+    """Experts every token goes through."""
+    norm_topk_prob: bool = True
+    """Renormalise the top-k gate weights to sum to 1."""
+    aux_loss_alpha: float = 0.1
+    """Weight of the load-balancing loss (training only)."""
+    seq_aux: bool = True
+    """Per-sequence form of the load-balancing loss (the original's)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        return 64 * math.ceil(int(self.hidden_size * 8 / 3) / 64)
+
+
+@dataclass
+class VisionConfig:
+    """The vision tower: a Hugging Face CLIP or SigLIP vision model."""
+
+    name_or_path: str = "openai/clip-vit-base-patch16"
+    """Hub id or directory of a pretrained tower; "vision" means the model directory's own vision/ folder."""
+    init: dict[str, Any] | None = None
+    """Build a randomly initialised tower from these Hugging Face config values instead (model_type key required)."""
+    hidden_size: int = 768
+    """Width of one patch feature."""
+    image_size: int = 224
+    """Input resolution (square)."""
+    num_patches: int = 196
+    """Patch features per image after dropping CLS: (image_size / patch_size) ** 2."""
+    freeze: bool = True
+    """Keep the tower's weights fixed (the original's choice)."""
+
+
+@dataclass
+class VLMConfig:
+    """The whole vision-language model."""
+
+    lm: LMConfig = field(default_factory=LMConfig)
+    """The language model."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """The vision tower."""
+    projector: Literal["linear", "mlp"] = "linear"
+    """linear: Linear(vision, hidden) with bias (the original); mlp: LayerNorm -> Linear -> GELU -> Linear."""
+    image_token: str = "@"
+    """Text of the placeholder token; each <image> becomes image_token_len copies of it (at the token level)."""
+    image_token_id: int = 34
+    """Id of the placeholder token."""
+    image_token_len: int = 196
+    """Placeholder tokens per image = patch features per image."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VLMConfig":
+        """Strict: an unknown key is an error (a config from another tool must not half-load)."""
+        data = dict(data)
+        lm = _strict(LMConfig, data.pop("lm", {}), "lm")
+        vision = _strict(VisionConfig, data.pop("vision", {}), "vision")
+        top = _strict(cls, data, "", skip={"lm", "vision"})
+        return dataclasses.replace(top, lm=lm, vision=vision)
+
+
+def _strict(cls: type, data: dict[str, Any], where: str, skip: set[str] = frozenset()) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)} - set(skip)
+    unknown = set(data) - names
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ValueError(f"unknown config key(s): {', '.join(prefix + k for k in sorted(unknown))}")
+    return cls(**data)

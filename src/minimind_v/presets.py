@@ -1,0 +1,38 @@
+"""Presets are data: a name -> the VLMConfig it stands for."""
+
+from __future__ import annotations
+
+import copy
+
+from minimind_v.errors import UserError
+from minimind_v.model.config import LMConfig, VisionConfig, VLMConfig
+
+_CLIP_B16 = VisionConfig(name_or_path="openai/clip-vit-base-patch16", hidden_size=768, image_size=224, num_patches=196)
+
+PRESETS: dict[str, VLMConfig] = {
+    # The original MiniMind2-Small-V: 26M LLM + frozen CLIP ViT-B/16.
+    "minimind2-small-v": VLMConfig(lm=LMConfig(hidden_size=512, num_hidden_layers=8), vision=_CLIP_B16),
+    # The original MiniMind2-V: 104M LLM.
+    "minimind2-v": VLMConfig(lm=LMConfig(hidden_size=768, num_hidden_layers=16), vision=_CLIP_B16),
+    # The original MoE variant: 4 routed experts, top-2, one shared expert.
+    "minimind2-small-v-moe": VLMConfig(lm=LMConfig(hidden_size=512, num_hidden_layers=8, use_moe=True),
+                                       vision=_CLIP_B16),
+    # For tests and the CPU quickstart: a small CLIP tower trained from scratch, 64x64 images, 8x8 patches.
+    "tiny": VLMConfig(
+        lm=LMConfig(vocab_size=1024, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=2048),
+        vision=VisionConfig(
+            name_or_path="vision",
+            init={"model_type": "clip_vision_model", "hidden_size": 128, "intermediate_size": 256,
+                  "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 64, "patch_size": 8,
+                  "num_channels": 3},
+            hidden_size=128, image_size=64, num_patches=64, freeze=False),
+        projector="mlp", image_token="<|image_pad|>", image_token_id=3, image_token_len=64,
+    ),
+}
+
+
+def get_preset(name: str) -> VLMConfig:
+    if name not in PRESETS:
+        raise UserError(f"--preset {name!r}: unknown preset (known: {', '.join(PRESETS)})")
+    return copy.deepcopy(PRESETS[name])
