@@ -1,0 +1,192 @@
+"""`minimind-v download`: the real assets from the Hugging Face Hub, laid out as the original project expects.
+
+    OUT/clip-vit-base-patch16/      vision encoder (save_pretrained layout, preprocessor_config.json included)
+    OUT/llm_512.pth                 MiniMind LLM weights a VLM starts from (original .pth format)
+    OUT/sft_vlm_512.pth             the original's finished VLM (and pretrain_vlm_512.pth), for `convert import-upstream`
+    OUT/tokenizer/                  tokenizer.json, tokenizer_config.json (vocab 6400, ChatML template)
+    OUT/dataset/pretrain_data.jsonl + OUT/dataset/pretrain_images/
+    OUT/dataset/sft_data.jsonl      + OUT/dataset/sft_images/
+
+Every download resumes where it stopped (huggingface_hub keeps partial files under .cache/ in the
+folder it writes to), and an image archive is deleted once unpacked, so a rerun fetches only what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+from minimind_v.errors import UserError
+
+VISION_REPO = "openai/clip-vit-base-patch16"
+WEIGHTS_REPO = "jingyaogong/MiniMind2-V-PyTorch"
+# The .pth repo holds weights only; the transformers-format release carries the original tokenizer.
+TOKENIZER_REPO = "jingyaogong/MiniMind2-V"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+DATA_REPO = "jingyaogong/minimind-v_dataset"
+# The original names weights `{stage}_{hidden}{_moe}.pth`.
+SIZE_SUFFIX = {"512": "512", "768": "768", "moe": "512_moe"}
+WHAT = ("vision", "llm", "vlm", "tokenizer", "data-pretrain", "data-sft")
+# What `all` means: everything a user needs to train pretrain then SFT (the finished VLM only on request).
+ALL = ("vision", "llm", "tokenizer", "data-pretrain", "data-sft")
+# Rough download sizes, so the user knows what they are starting.
+SIZES = {"vision": "0.6 GB", "llm": "0.05-0.2 GB", "vlm": "0.1-0.4 GB", "tokenizer": "0.5 MB",
+         "data-pretrain": "2.7 GB (+ unpacked images)", "data-sft": "1.2 GB (+ unpacked images)"}
+
+
+@dataclass
+class DownloadOptions:
+    what: list[str] = field(default_factory=lambda: ["all"], metadata={"nargs": "+"})
+    """What to fetch: any of vision, llm, vlm (the original's finished weights), tokenizer, data-pretrain, data-sft, all."""
+    out: str = "downloads"
+    """Directory to write into (the original layout: weights at the top, data under dataset/)."""
+    size: str = "512"
+    """Which MiniMind weights: 512 (minimind2-small-v), 768 (minimind2-v) or moe (minimind2-small-v-moe)."""
+    keep_archives: bool = False
+    """Keep the image .zip archives after unpacking them (they are 3.7 GB together)."""
+
+
+def main(opts: DownloadOptions) -> int:
+    parts = _selection(opts.what)
+    if opts.size not in SIZE_SUFFIX:
+        raise UserError(f"--size {opts.size!r}: expected one of {', '.join(SIZE_SUFFIX)}")
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {', '.join(f'{p} (~{SIZES[p]})' for p in parts)} into {out}")
+    for part in parts:
+        for path in FETCHERS[part](out, opts):
+            print(f"  {part}: {path}")
+    return 0
+
+
+def _selection(what: list[str]) -> list[str]:
+    unknown = [w for w in what if w not in WHAT and w != "all"]
+    if unknown:
+        raise UserError(f"--what {unknown[0]!r}: expected any of {', '.join(WHAT)}, all")
+    chosen = set(ALL) if "all" in what else set()
+    chosen.update(w for w in what if w != "all")
+    return [w for w in WHAT if w in chosen]
+
+
+def _hub_call(description: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run one huggingface_hub call; network and hub failures become one-line UserErrors."""
+    try:
+        return fn(*args, **kwargs)
+    except LocalEntryNotFoundError:
+        reason = "HF_HUB_OFFLINE is set" if _offline() else "the Hub cannot be reached"
+        raise UserError(f"cannot download {description}: {reason} and it is not in the download folder yet "
+                        "(connect to the internet or unset HF_HUB_OFFLINE, then run again: downloads resume)")
+    except HfHubHTTPError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot download {description}: {first_line}")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _file(repo: str, filename: str, local_dir: Path, repo_type: str | None = None) -> Path:
+    path = _hub_call(f"{repo}/{filename}", hf_hub_download, repo, filename, repo_type=repo_type,
+                     local_dir=local_dir)
+    return Path(path)
+
+
+def fetch_vision(out: Path, opts: DownloadOptions) -> list[Path]:
+    target = out / VISION_REPO.split("/")[1]
+    _hub_call(VISION_REPO, snapshot_download, VISION_REPO, local_dir=target,
+              allow_patterns=["*.json", "*.txt", "model.safetensors"])
+    if not (target / "model.safetensors").exists():
+        # Older snapshots carry only the pickle; transformers reads it with weights_only loading.
+        _file(VISION_REPO, "pytorch_model.bin", target)
+    return [target]
+
+
+def fetch_llm(out: Path, opts: DownloadOptions) -> list[Path]:
+    return [_file(WEIGHTS_REPO, f"llm_{SIZE_SUFFIX[opts.size]}.pth", out)]
+
+
+def fetch_vlm(out: Path, opts: DownloadOptions) -> list[Path]:
+    return [_file(WEIGHTS_REPO, f"{stage}_vlm_{SIZE_SUFFIX[opts.size]}.pth", out) for stage in ("pretrain", "sft")]
+
+
+def fetch_tokenizer(out: Path, opts: DownloadOptions) -> list[Path]:
+    target = out / "tokenizer"
+    for name in TOKENIZER_FILES:
+        _file(TOKENIZER_REPO, name, target)
+    return [target]
+
+
+def _fetch_data(out: Path, stage: str, keep_archive: bool) -> list[Path]:
+    dataset = out / "dataset"
+    jsonl = _file(DATA_REPO, f"{stage}_data.jsonl", dataset, repo_type="dataset")
+    images = dataset / f"{stage}_images"
+    if not (images / UNPACKED_MARKER).exists():
+        archive = _file(DATA_REPO, f"{stage}_images.zip", dataset, repo_type="dataset")
+        unpack_zip(archive, images)
+        if not keep_archive:
+            archive.unlink()
+    return [jsonl, images]
+
+
+def fetch_data_pretrain(out: Path, opts: DownloadOptions) -> list[Path]:
+    return _fetch_data(out, "pretrain", opts.keep_archives)
+
+
+def fetch_data_sft(out: Path, opts: DownloadOptions) -> list[Path]:
+    return _fetch_data(out, "sft", opts.keep_archives)
+
+
+FETCHERS = {"vision": fetch_vision, "llm": fetch_llm, "vlm": fetch_vlm, "tokenizer": fetch_tokenizer,
+            "data-pretrain": fetch_data_pretrain, "data-sft": fetch_data_sft}
+
+UNPACKED_MARKER = ".unpacked"
+
+
+def unpack_zip(archive: Path, dest: Path) -> int:
+    """Unpack `archive` into `dest`, refusing any member that would land outside it; returns files written.
+
+    When every member sits under one top folder named like `dest` (pretrain_images.zip holds
+    pretrain_images/...), that folder is dropped so the files land in `dest` itself, not dest/dest/.
+    A marker file written last lets a rerun skip an archive that was fully unpacked.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = [m for m in zf.infolist() if not m.is_dir()]
+            strip = _common_top(members, dest.name)
+            for member in members:
+                target = _safe_target(root, member, strip, archive)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+    except zipfile.BadZipFile as err:
+        raise UserError(f"{archive}: not a valid zip archive ({err}); delete it and download again")
+    (dest / UNPACKED_MARKER).write_text(f"{archive.name}\n")
+    return len(members)
+
+
+def _common_top(members: list[zipfile.ZipInfo], name: str) -> str:
+    prefix = name + "/"
+    if members and all(m.filename.replace("\\", "/").startswith(prefix) for m in members):
+        return prefix
+    return ""
+
+
+def _safe_target(root: Path, member: zipfile.ZipInfo, strip: str, archive: Path) -> Path:
+    name = member.filename.replace("\\", "/")
+    if stat.S_ISLNK(member.external_attr >> 16):
+        raise UserError(f"{archive}: member {member.filename!r} is a symbolic link; refusing to unpack")
+    relative = name[len(strip):] if strip else name
+    target = (root / relative).resolve()
+    if name.startswith("/") or ".." in Path(name).parts or not target.is_relative_to(root) or target == root:
+        raise UserError(f"{archive}: member {member.filename!r} would be written outside {root}; refusing to unpack")
+    return target
