@@ -1,0 +1,165 @@
+"""The synthetic world: deterministic, split-disjoint, and every answer true of the drawn scene.
+
+The answers are checked against an oracle written here from the question text and the scene
+record alone (its own word tables), not by calling the generator's question code again.
+"""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minimind_v.data.synth import QUESTION_TYPES, SynthOptions, write_dataset
+from minimind_v.errors import UserError
+
+CELLS = {
+    "en": ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"],
+    "zh": ["左上", "上方", "右上", "左侧", "中间", "右侧", "左下", "下方", "右下"],
+}
+ZH = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色", "circle": "圆形",
+      "square": "正方形", "triangle": "三角形", "diamond": "菱形", "small": "小", "big": "大"}
+RGB = {"red": (220, 45, 45), "green": (40, 160, 60), "blue": (45, 85, 225), "yellow": (235, 200, 30),
+       "purple": (145, 60, 185)}
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def _write(tmp_path, name, **kw):
+    opts = SynthOptions(out=str(tmp_path / name), **kw)
+    return write_dataset(opts)
+
+
+def _word(lang, english):
+    return english if lang == "en" else ZH[english]
+
+
+def _cell(obj):
+    return obj["row"] * 3 + obj["col"]
+
+
+def _find(scene, lang, phrase):
+    """The object a referring phrase such as "red circle" / "红色圆形" names (unique by construction)."""
+    hits = [o for o in scene if phrase == (f"{o['color']} {o['shape']}" if lang == "en"
+                                            else ZH[o["color"]] + ZH[o["shape"]])]
+    assert len(hits) == 1, (phrase, scene)
+    return hits[0]
+
+
+def _oracle(question, scene, lang):
+    """The answer to one question, derived from the scene record."""
+    yes, no = ("yes", "no") if lang == "en" else ("是", "否")
+    at = {name: i for i, name in enumerate(CELLS[lang])}
+    by_cell = {_cell(o): o for o in scene}
+    en = lang == "en"
+    patterns = [
+        (r"What (color|shape) is the object at the (.+)\?" if en else r"(.+)的物体是什么(颜色|形状)？",
+         lambda m: _word(lang, by_cell[at[m[2] if en else m[1]]][
+             {"color": "color", "shape": "shape", "颜色": "color", "形状": "shape"}[m[1] if en else m[2]]])),
+        (r"Is the object at the (.+) big or small\?" if en else r"(.+)的物体是大还是小？",
+         lambda m: _word(lang, by_cell[at[m[1]]]["size"])),
+        (r"How many objects are there\?" if en else r"图中有几个物体？", lambda m: str(len(scene))),
+        (r"How many (\w+) objects are there\?" if en else r"图中有几个(.+)物体？",
+         lambda m: str(sum(_word(lang, o["color"]) == m[1] for o in scene))),
+        (r"Where is the (.+)\?" if en else r"(.+)在哪里？", lambda m: CELLS[lang][_cell(_find(scene, lang, m[1]))]),
+        (r"Is there a (\w+) (\w+)\?" if en else r"图中有(..)(.+)吗？",
+         lambda m: yes if any(_word(lang, o["color"]) == m[1] and _word(lang, o["shape"]) == m[2]
+                              for o in scene) else no),
+        (r"Is the (.+) to the left of the (.+)\?" if en else r"(.+)在(.+)的左边吗？",
+         lambda m: yes if _find(scene, lang, m[1])["col"] < _find(scene, lang, m[2])["col"] else no),
+        (r"Is the (.+) above the (.+)\?" if en else r"(.+)在(.+)的上面吗？",
+         lambda m: yes if _find(scene, lang, m[1])["row"] < _find(scene, lang, m[2])["row"] else no),
+    ]
+    for pattern, answer in patterns:
+        match = re.fullmatch(pattern, question)
+        if match:
+            return answer(match)
+    return None
+
+
+def _parse_description(text, lang):
+    """A description back into (cell, size, colour, shape) tuples, in the order written."""
+    if lang == "en":
+        assert text.startswith("There is ") and text.endswith(".")
+        found = re.findall(r"a (small|big) (\w+) (\w+) at the ([a-z ]+?)(?:,| and |\.)", text)
+        return [(CELLS["en"].index(p), s, c, sh) for s, c, sh, p in found]
+    inverse = {v: k for k, v in ZH.items()}
+    found = re.findall(r"(..)有一个(大|小)(..)(三角形|正方形|..)[，。]", text)
+    return [(CELLS["zh"].index(p), inverse[s], inverse[c], inverse[sh]) for p, s, c, sh in found]
+
+
+def test_same_seed_same_bytes_and_other_seed_differs(tmp_path):
+    a = _write(tmp_path, "a", n=12, seed=3, lang="mix")
+    b = _write(tmp_path, "b", n=12, seed=3, lang="mix")
+    c = _write(tmp_path, "c", n=12, seed=4, lang="mix")
+    assert a.read_bytes() == b.read_bytes() != c.read_bytes()
+    for name in sorted(p.name for p in (tmp_path / "a" / "images").iterdir()):
+        assert (tmp_path / "a" / "images" / name).read_bytes() == (tmp_path / "b" / "images" / name).read_bytes()
+    pa = _write(tmp_path, "pa", n=6, seed=3, format="parquet")
+    pb = _write(tmp_path, "pb", n=6, seed=3, format="parquet")
+    assert pa.read_bytes() == pb.read_bytes()
+
+
+def test_train_and_test_never_share_a_scene(tmp_path):
+    # One-object scenes are few (360), so without the hash split these draws would collide (~8 expected).
+    train = _read_jsonl(_write(tmp_path, "d", n=400, seed=1, split="train", kind="caption"))
+    test = _read_jsonl(_write(tmp_path, "d", n=400, seed=2, split="test", kind="caption"))
+    key = lambda r: json.dumps(r["scene"], sort_keys=True)  # noqa: E731
+    small_train = {key(r) for r in train if len(r["scene"]) == 1}
+    small_test = {key(r) for r in test if len(r["scene"]) == 1}
+    assert len(small_train) > 50 and len(small_test) > 20
+    assert not {key(r) for r in train} & {key(r) for r in test}
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_every_answer_is_true_of_the_scene(tmp_path, lang):
+    records = _read_jsonl(_write(tmp_path, lang, n=250, seed=7, lang=lang, kind="qa"))
+    seen = set()
+    for record in records:
+        turns = record["conversations"]
+        assert turns[0]["content"].startswith("<image>\n")
+        assert all("<image>" not in t["content"] for t in turns[1:])
+        for qtype, (user, assistant) in zip(record["types"], zip(turns[::2], turns[1::2])):
+            seen.add(qtype)
+            question = user["content"].removeprefix("<image>\n")
+            if qtype == "describe":
+                expected = sorted((_cell(o), o["size"], o["color"], o["shape"]) for o in record["scene"])
+                assert _parse_description(assistant["content"], lang) == expected
+            else:
+                assert _oracle(question, record["scene"], lang) == assistant["content"], (question, record)
+                assert 1 <= len(assistant["content"].split()) <= 4
+    assert seen == set(QUESTION_TYPES)
+
+
+def test_the_image_shows_the_scene(tmp_path):
+    path = _write(tmp_path, "img", n=40, seed=5, kind="caption", image_size=96)
+    for record in _read_jsonl(path):
+        pixels = np.asarray(Image.open(path.parent / "images" / record["image"]).convert("RGB"), dtype=int)
+        assert pixels.shape == (96, 96, 3)
+        objects = {_cell(o): o for o in record["scene"]}
+        for cell in range(9):
+            centre = pixels[(cell // 3) * 32 + 16, (cell % 3) * 32 + 16]
+            if cell in objects:
+                assert np.abs(centre - RGB[objects[cell]["color"]]).max() <= 2
+            else:  # background or a faint line: grey-ish and light, never an object's colour
+                assert centre.min() >= 135 and centre.max() - centre.min() <= 60
+
+
+def test_mix_writes_both_languages_and_captions_describe(tmp_path):
+    records = _read_jsonl(_write(tmp_path, "mix", n=60, seed=0, lang="mix", kind="mixed"))
+    assert {r["lang"] for r in records} == {"en", "zh"}
+    assert {r["type"] for r in records} >= {"caption"}
+    for r in records:
+        if r["type"] == "caption":
+            expected = sorted((_cell(o), o["size"], o["color"], o["shape"]) for o in r["scene"])
+            assert _parse_description(r["conversations"][1]["content"], r["lang"]) == expected
+        if r["lang"] == "zh":
+            assert re.search(r"[\u4e00-\u9fff]", r["conversations"][0]["content"])
+
+
+def test_bad_counts_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="--n"):
+        _write(tmp_path, "bad", n=0)
