@@ -1,1 +1,15 @@
 """minimind-v: a tiny vision-language model you train from scratch."""
+
+from typing import Any
+
+# Imported on first use, so `minimind-v --help` and light modules do not pay for torch.
+_LAZY = {"MiniMindVLM": "minimind_v.model.vlm", "VLMConfig": "minimind_v.model.config"}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'minimind_v' has no attribute {name!r}")

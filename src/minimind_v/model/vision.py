@@ -1,0 +1,82 @@
+"""VisionTower: a Hugging Face CLIP, SigLIP or SigLIP2 vision model turned into patch features.
+
+CLIP gives last_hidden_state without its CLS token (no post-layernorm, no projection), as the
+original MiniMind-V; SigLIP has no CLS token, so its last_hidden_state is used whole. Frozen by
+default: no gradients, and eval mode kept even while the VLM trains.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, CLIPVisionModel, PreTrainedModel, SiglipVisionModel, Siglip2VisionModel
+
+from minimind_v.errors import UserError
+from minimind_v.model.config import VisionConfig
+
+FAMILIES: dict[str, type[PreTrainedModel]] = {
+    "clip": CLIPVisionModel,
+    "siglip": SiglipVisionModel,
+    "siglip2": Siglip2VisionModel,
+}
+
+
+def family_of(model_type: str) -> str:
+    """'clip_vision_model' or 'clip' -> 'clip'; an unsupported type is the user's to fix."""
+    family = model_type.removesuffix("_vision_model")
+    if family not in FAMILIES:
+        raise UserError(f"vision tower model_type {model_type!r}: supported are CLIP, SigLIP and SigLIP2")
+    return family
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig, source: str | None = None):
+        """Build from `source` (a directory or hub id; default cfg.name_or_path) or, with no source
+        and cfg.init set, randomly from cfg.init."""
+        super().__init__()
+        self.source = source if source is not None or cfg.init is not None else cfg.name_or_path
+        if self.source is None:
+            init = dict(cfg.init)
+            self.family = family_of(init.get("model_type", ""))
+            config = AutoConfig.for_model(init.pop("model_type"), **init)
+            self.model = FAMILIES[self.family](config)
+        else:
+            self.family, self.model = _load_pretrained(self.source)
+        self.frozen = cfg.freeze
+        if self.frozen:
+            self.model.requires_grad_(False)
+            self.model.eval()
+
+    def train(self, mode: bool = True) -> "VisionTower":
+        # A frozen tower stays in eval mode whatever the VLM around it does (dropout, norms).
+        return super().train(mode and not self.frozen)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        """(N, 3, H, W) -> (N, n_patches, vision_dim)."""
+        pixel_values = pixel_values.to(self.model.dtype)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            if self.family == "siglip2":
+                hidden = self._siglip2(pixel_values)
+            else:
+                hidden = self.model(pixel_values=pixel_values).last_hidden_state  # (N, 1? + P, D)
+        return hidden[:, 1:] if self.family == "clip" else hidden
+
+    def _siglip2(self, pixel_values: Tensor) -> Tensor:
+        # SigLIP2 (NaFlex) takes patches flattened the way its image processor does: (N, P, p*p*C).
+        N, C, H, W = pixel_values.shape
+        p = self.model.config.patch_size
+        h, w = H // p, W // p
+        patches = pixel_values.reshape(N, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(N, h * w, p * p * C)
+        mask = torch.ones(N, h * w, dtype=torch.long, device=pixel_values.device)
+        shapes = torch.tensor([[h, w]] * N, dtype=torch.long, device=pixel_values.device)
+        return self.model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes).last_hidden_state
+
+
+def _load_pretrained(source: str) -> tuple[str, PreTrainedModel]:
+    try:
+        family = family_of(AutoConfig.from_pretrained(source).model_type)
+        return family, FAMILIES[family].from_pretrained(source)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"vision tower {source!r} cannot be loaded ({reason}); fetch it with "
+                        "`minimind-v download` or pass a local directory with --vision DIR") from None

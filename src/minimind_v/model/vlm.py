@@ -1,0 +1,74 @@
+"""MiniMindVLM: vision tower -> projector -> the language model's embeddings at the image placeholders.
+
+Each image is a run of cfg.image_token_len placeholder tokens (cfg.image_token_id) in input_ids;
+the k-th run, counted row by row, receives the projected patch features of the k-th image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from minimind_v.model.config import VLMConfig
+from minimind_v.model.llm import CausalLMOutput, KVCache, MiniMindLM
+from minimind_v.model.projector import Projector
+from minimind_v.model.vision import VisionTower
+
+
+class MiniMindVLM(nn.Module):
+    def __init__(self, cfg: VLMConfig, vision: VisionTower | None = None):
+        """Random language model and projector; the tower is `vision` if given, else built from cfg.vision."""
+        super().__init__()
+        self.cfg = cfg
+        self.vision = vision if vision is not None else VisionTower(cfg.vision)
+        self.projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.lm.hidden_size)
+        self.lm = MiniMindLM(cfg.lm)
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """(N, 3, H, W) or (B, N, 3, H, W) -> patch features (N_total, n_patches, vision_dim)."""
+        return self.vision(pixel_values.flatten(0, pixel_values.dim() - 4))
+
+    def insert_images(self, input_ids: Tensor, embeds: Tensor, features: Tensor) -> Tensor:
+        """Replace each placeholder run by the projected features of its image, in order."""
+        is_image = input_ids == self.cfg.image_token_id  # (B, T)
+        n_slots, n_images = int(is_image.sum()), features.shape[0]
+        expected = n_images * self.cfg.image_token_len
+        if n_slots != expected or features.shape[1] != self.cfg.image_token_len:
+            raise ValueError(f"{n_slots} image placeholder tokens (id {self.cfg.image_token_id}) in the batch, but "
+                             f"{n_images} images x {features.shape[1]} features need {expected}")
+        projected = self.projector(features.to(self.projector_dtype))  # (N, P, C)
+        # Boolean indexing walks the batch row-major, so image k lands in the k-th run.
+        embeds[is_image] = projected.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        return embeds
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    def forward(self, input_ids: Tensor, pixel_values: Tensor | None = None,
+                attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                segment_ids: Tensor | None = None, labels: Tensor | None = None,
+                image_features: Tensor | None = None, past_key_values: KVCache | None = None,
+                use_cache: bool = False, logits_to_keep: int | str | None = None) -> CausalLMOutput:
+        embeds = self.lm.embed_tokens(input_ids)  # (B, T, C)
+        has_images = pixel_values is not None or image_features is not None
+        # Decode steps with a cache carry no placeholders: their images are already in the cache.
+        if has_images and not (past_key_values and not bool((input_ids == self.cfg.image_token_id).any())):
+            features = image_features if image_features is not None else self.encode_images(pixel_values)
+            embeds = self.insert_images(input_ids, embeds, features)
+        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                       segment_ids=segment_ids, labels=labels, past_key_values=past_key_values,
+                       use_cache=use_cache, logits_to_keep=logits_to_keep)
+
+    def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
+        """Write a model directory (see modeldir.py); a given tokenizer is saved beside the weights."""
+        from minimind_v.modeldir import save_model
+        save_model(self, directory, tokenizer=tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "MiniMindVLM":
+        """Strict load of a model directory written by save_pretrained or convert."""
+        from minimind_v.modeldir import load_model
+        return load_model(directory)
