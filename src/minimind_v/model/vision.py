@@ -7,9 +7,13 @@ default: no gradients, and eval mode kept even while the VLM trains.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, CLIPVisionModel, PreTrainedModel, SiglipVisionModel, Siglip2VisionModel
+from transformers.utils import logging as hf_logging
 
 from minimind_v.errors import UserError
 from minimind_v.model.config import VisionConfig
@@ -72,10 +76,23 @@ class VisionTower(nn.Module):
         return self.model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes).last_hidden_state
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No per-shard progress bars for a tower of a few hundred MB; restores the caller's setting."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _load_pretrained(source: str) -> tuple[str, PreTrainedModel]:
     try:
         family = family_of(AutoConfig.from_pretrained(source).model_type)
-        return family, FAMILIES[family].from_pretrained(source)
+        with quiet_transformers():
+            return family, FAMILIES[family].from_pretrained(source)
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"vision tower {source!r} cannot be loaded ({reason}); fetch it with "

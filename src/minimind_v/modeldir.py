@@ -1,0 +1,173 @@
+"""The self-describing model directory: what train and convert write, what everything else reads.
+
+    config.json          VLMConfig.to_dict() + format_version
+    model.safetensors    language model + projector (the tied embedding / LM head stored once)
+    tokenizer files      when a tokenizer was given
+    vision/              the tower in Hugging Face save_pretrained layout + preprocessor_config.json,
+                         only when it lives inside (built from `init`, trained, or already inside);
+                         a frozen pretrained tower is referenced by path or hub id in config.json
+
+Loading is strict: a missing, unexpected or mis-shaped weight is an error naming the key(s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from minimind_v.errors import UserError
+from minimind_v.model.config import VisionConfig, VLMConfig
+from minimind_v.model.vision import VisionTower, quiet_transformers
+from minimind_v.model.vlm import MiniMindVLM
+
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE, VISION_DIR = "config.json", "model.safetensors", "vision"
+TIED_KEY = "lm.lm_head.weight"  # the same Parameter as lm.embed_tokens.weight
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+def save_model(model: MiniMindVLM, directory: str | Path, tokenizer: Any = None) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    if tower_lives_inside(cfg.vision):
+        _save_tower(model.vision, directory, cfg.vision.image_size)
+        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, name_or_path=VISION_DIR, init=None))
+    elif Path(cfg.vision.name_or_path).is_dir():
+        # A local tower is referenced absolutely, so the directory still works from anywhere.
+        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(
+            cfg.vision, name_or_path=str(Path(cfg.vision.name_or_path).resolve())))
+    _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(weights_to_save(model), tmp, {"format": "pt"}))
+    config = {"format_version": FORMAT_VERSION, **cfg.to_dict()}
+    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+
+
+def tower_lives_inside(vision: VisionConfig) -> bool:
+    """Random or trained towers, and towers already inside a model directory, travel with it."""
+    return vision.init is not None or not vision.freeze or vision.name_or_path == VISION_DIR
+
+
+def weights_to_save(model: MiniMindVLM) -> dict[str, torch.Tensor]:
+    """Everything but the tower (saved or referenced apart) and the tied head (a copy of the embedding)."""
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()
+            if k != TIED_KEY and not k.startswith("vision.")}
+
+
+def load_model(directory: str | Path) -> MiniMindVLM:
+    directory = Path(directory)
+    cfg = read_config(directory)
+    tower = VisionTower(cfg.vision, source=vision_source(cfg.vision, directory))
+    model = MiniMindVLM(cfg, vision=tower)
+    load_weights_strict(model, read_weights(directory / WEIGHTS_FILE), directory / WEIGHTS_FILE)
+    return model
+
+
+def read_config(directory: str | Path) -> VLMConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not Path(directory).is_dir():
+        raise UserError(f"{directory}: not a model directory (it does not exist or is not a directory)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: cannot read the model config ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    version = data.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise UserError(f"{path}: format_version {version!r}, this minimind-v reads {FORMAT_VERSION}")
+    try:
+        return VLMConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{path}: {err}") from None
+
+
+def vision_source(vision: VisionConfig, directory: Path) -> str:
+    """Where the tower comes from: the directory's own vision/ (or another relative folder), else the reference."""
+    inside = directory / vision.name_or_path
+    if inside.is_dir():
+        return str(inside)
+    if vision.name_or_path == VISION_DIR:
+        raise UserError(f"{inside}: missing; config.json says the vision tower lives inside the model directory")
+    return vision.name_or_path
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise UserError(f"{path}: cannot read the weights ({err})") from None
+
+
+def load_weights_strict(model: MiniMindVLM, state: dict[str, torch.Tensor], source: Path | str) -> None:
+    expected = {k: v for k, v in model.state_dict().items() if k != TIED_KEY and not k.startswith("vision.")}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{source}: weights do not match the config; missing: {_list(missing)}; "
+                        f"unexpected: {_list(unexpected)}")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise UserError(f"{source}: {key} has shape {tuple(value.shape)}, the config needs "
+                            f"{tuple(expected[key].shape)}")
+    model.load_state_dict(state, strict=False)  # strictness checked above; the tower and tied head are apart
+
+
+def _list(keys: list[str], limit: int = 8) -> str:
+    if not keys:
+        return "none"
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _save_tower(tower: VisionTower, directory: Path, image_size: int) -> None:
+    """vision/ in save_pretrained layout with its preprocessor config, swapped in whole."""
+    staging = Path(tempfile.mkdtemp(prefix=".vision-", dir=directory))
+    with quiet_transformers():
+        tower.model.save_pretrained(str(staging))
+    source_processor = Path(tower.source or "") / "preprocessor_config.json"
+    if tower.source is not None and source_processor.is_file():
+        shutil.copyfile(source_processor, staging / "preprocessor_config.json")
+    else:
+        processor = default_image_processor(tower.family, image_size)
+        (staging / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    target, old = directory / VISION_DIR, directory / ".vision-old"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def default_image_processor(family: str, image_size: int) -> dict[str, Any]:
+    """The transformers image-processor config a tower of this family expects (CLIP's or SigLIP's recipe)."""
+    common = {"do_convert_rgb": True, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255,
+              "do_normalize": True}
+    if family == "clip":
+        return {"image_processor_type": "CLIPImageProcessor", **common, "resample": 3,
+                "size": {"shortest_edge": image_size}, "do_center_crop": True,
+                "crop_size": {"height": image_size, "width": image_size},
+                "image_mean": CLIP_MEAN, "image_std": CLIP_STD}
+    return {"image_processor_type": "SiglipImageProcessor", **common, "resample": 2,
+            "size": {"height": image_size, "width": image_size}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same directory, then rename: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
