@@ -1,0 +1,165 @@
+"""Batches without wasted padding: dynamic padding, length-grouped batches, and sequence packing.
+
+- `Collator(pad_id)`: right-pads to the longest row of the batch (not to max_seq_len).
+- `Collator(pad_id, pack_len=L)`: packs samples into rows of at most L tokens (first-fit decreasing);
+  `segment_ids` number the samples of a row 1..k (0 = padding) so attention stays within a sample,
+  `position_ids` restart at 0 for every sample, and the first token of each sample gets no label, so
+  the loss of a packed batch equals the token-mean over the same samples unpacked.
+- `BatchPlan`: which sample indices form each batch of an epoch, a function of (seed, epoch) only:
+  "random" (shuffled), "grouped" (shuffled, then sorted by length within mega-batches, so a batch
+  holds similar lengths) or "packed" (as many samples as fill `batch_size` rows of max_seq_len).
+
+A collated batch is a dict: input_ids, labels, attention_mask (padded) or segment_ids (packed),
+position_ids, pixel_values ((N_images, 3, H, W) in placeholder order, row by row, or None),
+image_keys, sources, and `bad`: the BadSamples dropped from this batch, for the BadSampleTracker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from minimind_v.data.dataset import Sample
+from minimind_v.data.formats import BadSample
+from minimind_v.data.template import IGNORE_INDEX
+
+
+def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Positions of `lengths` grouped into bins of at most `capacity`; longest first, ties by position."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        if lengths[i] > capacity:
+            raise ValueError(f"a sample of {lengths[i]} tokens does not fit a row of {capacity}")
+        slot = next((b for b, free in enumerate(room) if free >= lengths[i]), None)
+        if slot is None:
+            bins.append([])
+            room.append(capacity)
+            slot = len(bins) - 1
+        bins[slot].append(i)
+        room[slot] -= lengths[i]
+    return bins
+
+
+class Collator:
+    """Picklable collate_fn for DataLoader workers: drops BadSamples (returning them) and builds the batch."""
+
+    def __init__(self, pad_id: int, pack_len: int | None = None) -> None:
+        self.pad_id, self.pack_len = pad_id, pack_len
+
+    def __call__(self, items: list[Sample | BadSample]) -> dict[str, Any]:
+        samples = [s for s in items if isinstance(s, Sample)]
+        bad = [s for s in items if isinstance(s, BadSample)]
+        if not samples:
+            return {"input_ids": None, "bad": bad, "num_samples": 0}
+        if self.pack_len is None:
+            rows = [[s] for s in samples]
+        else:
+            bins = first_fit_decreasing([len(s.input_ids) for s in samples], self.pack_len)
+            rows = [[samples[i] for i in sorted(b)] for b in bins]  # file order within a row
+        batch = self._rows(rows)
+        ordered = [s for row in rows for s in row]
+        pixels = [s.pixel_values for s in ordered if s.pixel_values is not None]
+        batch.update(pixel_values=torch.cat(pixels) if pixels else None,
+                     image_keys=[key for s in ordered for key in s.image_keys],
+                     sources=[s.source for s in ordered], bad=bad, num_samples=len(samples))
+        return batch
+
+    def _rows(self, rows: list[list[Sample]]) -> dict[str, torch.Tensor]:
+        width = max(sum(len(s.input_ids) for s in row) for row in rows)
+        shape = (len(rows), width)
+        input_ids = torch.full(shape, self.pad_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        segment_ids = torch.zeros(shape, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        for r, row in enumerate(rows):
+            start = 0
+            for k, sample in enumerate(row, start=1):
+                end = start + len(sample.input_ids)
+                input_ids[r, start:end] = sample.input_ids
+                labels[r, start:end] = sample.labels
+                labels[r, start] = IGNORE_INDEX  # would be predicted from the previous sample's last token
+                segment_ids[r, start:end] = k
+                position_ids[r, start:end] = torch.arange(end - start)
+                start = end
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        if self.pack_len is None:
+            batch["attention_mask"] = (segment_ids > 0).long()
+        else:
+            batch["segment_ids"] = segment_ids
+        return batch
+
+
+class BatchPlan(torch.utils.data.Sampler):
+    """The batches of each epoch, reproducible from (seed, epoch); `set_epoch` picks the epoch and a resume point."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, mode: Literal["random", "grouped", "packed"] = "random",
+                 max_seq_len: int | None = None, seed: int = 0, drop_last: bool = False,
+                 group_factor: int = 50) -> None:
+        if mode == "packed" and max_seq_len is None:
+            raise ValueError("packed batches need max_seq_len")
+        self.lengths, self.batch_size, self.mode = np.asarray(lengths), batch_size, mode
+        self.max_seq_len, self.seed, self.drop_last, self.group_factor = max_seq_len, seed, drop_last, group_factor
+        self.epoch, self.skip = 0, 0
+        self._planned: tuple[int, list[list[int]]] | None = None
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_batches
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        if self._planned is None or self._planned[0] != epoch:  # planning a large packed epoch is not free
+            self._planned = (epoch, self._plan(epoch))
+        return self._planned[1]
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.lengths))
+        if self.mode == "random":
+            batches = [order[i:i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        elif self.mode == "grouped":
+            batches = self._grouped(order, rng)
+        else:
+            batches = self._packed(order, rng)
+        if self.drop_last and batches and self.mode != "packed" and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return batches
+
+    def _grouped(self, order: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
+        mega = self.batch_size * self.group_factor
+        batches = []
+        for i in range(0, len(order), mega):
+            chunk = order[i:i + mega]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches += [chunk[j:j + self.batch_size].tolist() for j in range(0, len(chunk), self.batch_size)]
+        return [batches[k] for k in rng.permutation(len(batches))]
+
+    def _packed(self, order: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
+        """Bins from first-fit decreasing over windows of the shuffled order, batch_size bins per batch."""
+        window = self.batch_size * self.group_factor * 4  # samples per packing window: several per row
+        batches = []
+        for i in range(0, len(order), window):
+            chunk = order[i:i + window]
+            bins = first_fit_decreasing(self.lengths[chunk].tolist(), self.max_seq_len)
+            bins = [bins[k] for k in rng.permutation(len(bins))]
+            batches += [[int(chunk[p]) for b in bins[j:j + self.batch_size] for p in b]
+                        for j in range(0, len(bins), self.batch_size)]
+        return [batches[k] for k in rng.permutation(len(batches))]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches(self.epoch)[self.skip:]
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch)) - self.skip
+
+
+def make_loader(dataset: torch.utils.data.Dataset, plan: BatchPlan, pad_id: int, num_workers: int = 0,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over `plan`'s batches; packing when the plan packs."""
+    pack_len = plan.max_seq_len if plan.mode == "packed" else None
+    return torch.utils.data.DataLoader(dataset, batch_sampler=plan, collate_fn=Collator(pad_id, pack_len),
+                                       num_workers=num_workers, pin_memory=pin_memory,
+                                       persistent_workers=num_workers > 0)

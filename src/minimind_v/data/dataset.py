@@ -1,0 +1,163 @@
+"""The training dataset: raw records -> token ids, labels and pixels, with bad samples skipped and counted.
+
+Up front, one pass over the file reads and tokenises every record and checks that its image files
+exist inside the image folder (images are not decoded). That pass fails fast on a file that is
+mostly broken, gives the exact count of bad records before training starts, and yields the exact
+length of every good sample, which the length-grouped and packing batch plans need.
+Images are decoded lazily in `__getitem__`; one that turns out corrupt makes the item a
+`BadSample` (returned, not raised, so it crosses DataLoader workers), which the collate drops and
+hands back to the training loop for its `BadSampleTracker`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minimind_v.data.formats import BadSample, RawSample, Reader
+from minimind_v.data.images import DEFAULT_MAX_PIXELS, ImagePreprocessor, load_image, resolve_image_path
+from minimind_v.data.template import EncodedSample, ImageTokens, encode_conversation, encode_text
+from minimind_v.errors import UserError
+
+
+@dataclass
+class Sample:
+    input_ids: torch.Tensor
+    """(T,) long."""
+    labels: torch.Tensor
+    """(T,) long, -100 where no loss."""
+    pixel_values: torch.Tensor | None
+    """(n_images, 3, H, W) in placeholder order, or None (no images, or decoding left to a feature cache)."""
+    image_keys: list[str]
+    """A stable name per image (file path, or "file:row N#k" for embedded bytes), for a feature cache."""
+    source: str
+
+
+class BadSampleTracker:
+    """Counts unusable samples by reason; stops the run when they exceed `max_bad_fraction` of the data set.
+
+    The fraction is taken over the whole data set (`total` records), each bad record counted once however
+    many epochs meet it: the up-front pass gives the exact count before training, and images that fail to
+    decode later only add to it. So the check never fires early on a few unlucky first batches, yet a
+    folder of corrupt images stops the run once they reach the limit. The error names the counts per
+    reason and the first example.
+    """
+
+    def __init__(self, total: int, max_bad_fraction: float = 0.01, keep_examples: int = 5) -> None:
+        self.total, self.max_bad_fraction, self.keep_examples = total, max_bad_fraction, keep_examples
+        self.reasons: Counter[str] = Counter()
+        self.examples: list[str] = []
+        self._seen: set[str] = set()
+
+    @property
+    def bad(self) -> int:
+        return len(self._seen)
+
+    def add(self, bad: list[BadSample]) -> None:
+        for sample in bad:
+            if sample.source in self._seen:
+                continue
+            self._seen.add(sample.source)
+            self.reasons[sample.reason] += 1
+            if len(self.examples) < self.keep_examples:
+                self.examples.append(str(sample))
+
+    def check(self) -> None:
+        if self.total and self.bad / self.total > self.max_bad_fraction:
+            raise UserError(f"{self.bad} of {self.total} samples unusable ({self.bad / self.total:.1%} > "
+                            f"--max-bad-fraction {self.max_bad_fraction}): {self.counts_text()}; "
+                            f"first: {self.examples[0]}")
+
+    def counts_text(self) -> str:
+        return ", ".join(f"{reason} {n}" for reason, n in self.reasons.most_common())
+
+    def summary(self) -> dict[str, Any]:
+        """For the run log: counts per reason and a few examples (file:line: reason: detail)."""
+        return {"total": self.total, "bad": self.bad, "reasons": dict(self.reasons), "examples": list(self.examples)}
+
+
+@dataclass
+class DataSettings:
+    """How records become training samples."""
+
+    max_seq_len: int = 640
+    """Longest sample in tokens; longer ones lose trailing turns, or are skipped as too_long."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Images announcing more pixels than this are refused (decompression bombs)."""
+    decode_images: bool = True
+    """False: leave pixel_values out and give only image_keys (a feature cache supplies the features)."""
+    text_only: bool = False
+    """Drop images and their markers (language-model stage on conversation data)."""
+    scan_images: bool = True
+    """In the up-front pass, check that every image file exists (one stat per image)."""
+
+
+class VLMDataset(torch.utils.data.Dataset):
+    """Good samples of a reader, in file order; `bad_upfront` lists those the up-front pass rejected."""
+
+    def __init__(self, reader: Reader, tokenizer: Any, image: ImageTokens, preprocessor: ImagePreprocessor | None,
+                 settings: DataSettings | None = None) -> None:
+        self.reader, self.tokenizer, self.image, self.preprocessor = reader, tokenizer, image, preprocessor
+        self.settings = settings or DataSettings()
+        if self.settings.decode_images and preprocessor is None and not self.settings.text_only:
+            raise ValueError("decode_images needs an ImagePreprocessor")
+        self.indices, self.lengths, self.bad_upfront = self._scan()
+
+    def _scan(self) -> tuple[np.ndarray, np.ndarray, list[BadSample]]:
+        indices, lengths, bad = [], [], []
+        for i in range(len(self.reader)):
+            try:
+                raw = self.reader[i]
+                encoded = self._encode(raw)
+                if self.settings.scan_images:
+                    for ref in raw.images[:encoded.n_images]:
+                        if isinstance(ref, str):
+                            resolve_image_path(self.reader.images_dir or Path("."), ref)
+            except BadSample as err:
+                err.source = err.source or self.reader.source(i)
+                bad.append(err)
+                continue
+            indices.append(i)
+            lengths.append(len(encoded.input_ids))
+        return np.asarray(indices, dtype=np.int64), np.asarray(lengths, dtype=np.int64), bad
+
+    def _encode(self, raw: RawSample) -> EncodedSample:
+        max_len = self.settings.max_seq_len
+        if raw.text is not None:
+            return encode_text(self.tokenizer, raw.text, max_len)
+        if self.settings.text_only:
+            messages = [{**m, "content": m["content"].replace("<image>", "")} for m in raw.conversations]
+            return encode_conversation(self.tokenizer, messages, self.image, 0, max_len)
+        return encode_conversation(self.tokenizer, raw.conversations, self.image, len(raw.images), max_len)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Sample | BadSample:
+        row = int(self.indices[index])
+        try:
+            raw = self.reader[row]
+            encoded = self._encode(raw)
+            refs = raw.images[:encoded.n_images]
+            pixels = self._pixels(refs) if self.settings.decode_images and refs else None
+        except BadSample as err:
+            err.source = err.source or self.reader.source(row)
+            return err
+        keys = [ref if isinstance(ref, str) else f"{raw.source}#{k}" for k, ref in enumerate(refs)]
+        return Sample(torch.tensor(encoded.input_ids), torch.tensor(encoded.labels), pixels, keys, raw.source)
+
+    def _pixels(self, refs: list[Any]) -> torch.Tensor:
+        images = [load_image(ref, self.reader.images_dir, self.settings.max_pixels) for ref in refs]
+        return torch.stack([self.preprocessor(image) for image in images])
+
+    def tracker(self, max_bad_fraction: float = 0.01) -> BadSampleTracker:
+        """A tracker holding the up-front pass's findings; raises at once when the file is already too broken."""
+        tracker = BadSampleTracker(len(self) + len(self.bad_upfront), max_bad_fraction)
+        tracker.add(self.bad_upfront)
+        tracker.check()
+        return tracker

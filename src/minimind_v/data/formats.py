@@ -1,0 +1,273 @@
+"""Readers for the data formats `train` and `eval` accept, all yielding the same `RawSample`.
+
+- upstream MiniMind-V jsonl: {"conversations": [{"role", "content"}...], "image": "a.jpg, b.jpg"}
+- LLaVA json (one JSON array) or jsonl: {"image": "x.jpg" | [...], "conversations": [{"from", "value"}...]}
+- parquet: column `conversations` (JSON string or list of {role, content}), `image_bytes` (binary or list)
+- plain text for the language-model stage: {"text": "..."} lines (jsonl) or a `text` column (parquet)
+
+Every reader gives random access (`reader[i]`, for shuffling) over a small index built in one
+pass (line byte offsets for jsonl, element offsets for a JSON array, row-group sizes for parquet),
+so a 600K-line file is never held as Python objects. A record that cannot be understood raises
+`BadSample` naming its source ("file:line"), so the dataset can skip and count it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Union
+
+import numpy as np
+
+from minimind_v.errors import UserError
+
+ImageRef = Union[str, bytes]
+"""An image as the data names it: a path relative to the image folder, or the encoded file's bytes."""
+
+ROLE_ALIASES = {"user": "user", "assistant": "assistant", "system": "system",
+                "human": "user", "gpt": "assistant"}
+"""Roles of the upstream ({role, content}) and LLaVA ({from, value}) spellings, mapped to ChatML roles."""
+
+
+class BadSample(Exception):
+    """One unusable sample: skipped and counted by `reason`, never fatal on its own.
+
+    reason is a short key (bad_json, bad_record, bad_roles, missing_image, bad_image, image_path,
+    image_too_large, marker_mismatch, too_long, no_supervised_tokens) used to count; detail says what.
+    """
+
+    def __init__(self, reason: str, detail: str, source: str = "") -> None:
+        super().__init__(reason, detail, source)  # plain args: pickles across DataLoader workers
+        self.reason, self.detail, self.source = reason, detail, source
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.reason}: {self.detail}" if self.source else f"{self.reason}: {self.detail}"
+
+
+@dataclass
+class RawSample:
+    """One record as read: roles normalised to system/user/assistant, images not yet opened."""
+
+    conversations: list[dict[str, str]]
+    images: list[ImageRef] = field(default_factory=list)
+    source: str = ""
+    text: str | None = None
+    """Set for a plain-text record (language-model stage); conversations is then empty."""
+
+
+class Reader(Protocol):
+    path: Path
+    images_dir: Path | None
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> RawSample: ...
+    def source(self, index: int) -> str: ...
+
+
+def parse_record(obj: Any, source: str) -> RawSample:
+    """A decoded JSON object (or parquet row) -> RawSample; BadSample when a field is missing or malformed."""
+    if not isinstance(obj, dict):
+        raise BadSample("bad_record", f"expected a JSON object, got {type(obj).__name__}", source)
+    images = _parse_images(obj.get("image", obj.get("images", obj.get("image_bytes"))), source)
+    if "conversations" in obj:
+        return RawSample(_parse_turns(obj["conversations"], source), images, source)
+    if isinstance(obj.get("text"), str):
+        return RawSample([], images, source, text=obj["text"])
+    raise BadSample("bad_record", "no 'conversations' (or 'text') field", source)
+
+
+def _parse_turns(turns: Any, source: str) -> list[dict[str, str]]:
+    if isinstance(turns, str):  # parquet may store the list as a JSON string
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError as err:
+            raise BadSample("bad_json", f"'conversations' is not valid JSON ({err.msg})", source) from None
+    if not isinstance(turns, list) or not turns:
+        raise BadSample("bad_record", "'conversations' must be a non-empty list", source)
+    out = []
+    for n, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise BadSample("bad_record", f"turn {n} is not an object", source)
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role not in ROLE_ALIASES:
+            raise BadSample("bad_roles", f"turn {n}: unknown role {role!r}", source)
+        if not isinstance(content, str):
+            raise BadSample("bad_record", f"turn {n}: content must be a string", source)
+        out.append({"role": ROLE_ALIASES[role], "content": content})
+    return out
+
+
+def _parse_images(value: Any, source: str) -> list[ImageRef]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, (bytes, bytearray)):
+        return [bytes(value)]
+    if isinstance(value, str):  # upstream: "a.jpg, b.jpg"
+        return [name.strip() for name in value.split(",") if name.strip()]
+    if isinstance(value, (list, tuple, np.ndarray)) and all(isinstance(v, (str, bytes)) for v in value):
+        return [v if isinstance(v, bytes) else v.strip() for v in value]
+    raise BadSample("bad_record", f"'image' must be a string, bytes or a list of them, got {type(value).__name__}",
+                    source)
+
+
+class JsonlReader:
+    """One JSON object per line; random access through the byte offsets of the non-empty lines."""
+
+    def __init__(self, path: Path, images_dir: Path | None) -> None:
+        self.path, self.images_dir = path, images_dir
+        data = np.fromfile(path, dtype=np.uint8)
+        ends = np.flatnonzero(data == ord("\n"))
+        if len(data) and data[-1] != ord("\n"):
+            ends = np.append(ends, len(data))
+        starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+        keep = (ends - starts) > 0
+        blank = (ends - starts == 1) & (data[np.minimum(starts, len(data) - 1)] == ord("\r"))
+        keep &= ~blank
+        self._starts, self._ends = starts[keep], ends[keep].astype(np.int64)
+        self._lines = (np.flatnonzero(keep) + 1).astype(np.int64)  # 1-based, as editors count
+        self._fd: int | None = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def source(self, index: int) -> str:
+        return f"{self.path}:{self._lines[index]}"
+
+    def _read(self, index: int) -> bytes:
+        if self._pid != os.getpid():  # each DataLoader worker opens its own descriptor
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        start, end = int(self._starts[index]), int(self._ends[index])
+        return os.pread(self._fd, end - start, start)
+
+    def __getitem__(self, index: int) -> RawSample:
+        source = self.source(index)
+        try:
+            obj = json.loads(self._read(index))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BadSample("bad_json", f"malformed JSON line ({err})", source) from None
+        return parse_record(obj, source)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fd": None, "_pid": -1}
+
+
+class JsonArrayReader:
+    """A JSON array (LLaVA style): the text is kept and each element decoded on access."""
+
+    def __init__(self, path: Path, images_dir: Path | None) -> None:
+        self.path, self.images_dir = path, images_dir
+        self._text = path.read_text(encoding="utf-8")
+        self._spans, self._lines = _array_spans(self._text, path)
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def source(self, index: int) -> str:
+        return f"{self.path}:{self._lines[index]}"
+
+    def __getitem__(self, index: int) -> RawSample:
+        start, end = self._spans[index]
+        return parse_record(json.loads(self._text[start:end]), self.source(index))
+
+
+def _array_spans(text: str, path: Path) -> tuple[list[tuple[int, int]], list[int]]:
+    """(start, end) of each top-level element and its 1-based line; one malformed element spoils the file."""
+    decoder, ws = json.JSONDecoder(), " \t\r\n"
+    pos = len(text) - len(text.lstrip(ws))
+    if not text.startswith("[", pos):
+        raise UserError(f"{path}: expected a JSON array or one JSON object per line")
+    pos += 1
+    spans, lines, line, counted = [], [], 1, 0
+    while True:
+        while pos < len(text) and text[pos] in ws + ",":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return spans, lines
+        line += text.count("\n", counted, pos)
+        counted = pos
+        try:
+            _, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+        spans.append((pos, end))
+        lines.append(line)
+        pos = end
+
+
+class ParquetReader:
+    """Rows of a parquet file; random access reads (and keeps) the row group a row lies in."""
+
+    def __init__(self, path: Path, images_dir: Path | None) -> None:
+        import pyarrow.parquet as pq
+
+        self.path, self.images_dir = path, images_dir
+        meta = pq.ParquetFile(path).metadata
+        names = set(meta.schema.names)
+        if not names & {"conversations", "text"}:
+            raise UserError(f"{path}: no 'conversations' (or 'text') column; columns: {', '.join(sorted(names))}")
+        self._columns = [c for c in ("conversations", "text", "image_bytes", "image") if c in names]
+        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        self._group_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._file: Any = None
+        self._pid = -1
+        self._cache: dict[int, list[dict[str, Any]]] = {}
+
+    def __len__(self) -> int:
+        return int(self._group_starts[-1])
+
+    def source(self, index: int) -> str:
+        return f"{self.path}:row {index}"
+
+    def _group(self, group: int) -> list[dict[str, Any]]:
+        import pyarrow.parquet as pq
+
+        if self._pid != os.getpid():
+            self._file, self._pid, self._cache = pq.ParquetFile(self.path), os.getpid(), {}
+        if group not in self._cache:
+            if len(self._cache) >= 2:  # shuffled access mostly stays within the last groups read
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[group] = self._file.read_row_group(group, columns=self._columns).to_pylist()
+        return self._cache[group]
+
+    def __getitem__(self, index: int) -> RawSample:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        group = int(np.searchsorted(self._group_starts, index, side="right")) - 1
+        row = self._group(group)[index - int(self._group_starts[group])]
+        return parse_record({k: v for k, v in row.items() if v is not None}, self.source(index))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None, "_pid": -1, "_cache": {}}
+
+
+def open_dataset(path: str | Path, images_dir: str | Path | None = None) -> Reader:
+    """Open any supported data file; the format follows from the suffix and, for .json, the first character.
+
+    images_dir defaults to `images/` beside the data file when that folder exists, else the file's folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--data {path}: no such file")
+    if images_dir is None:
+        images_dir = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
+    elif not Path(images_dir).is_dir():
+        raise UserError(f"--images {images_dir}: no such folder")
+    images = Path(images_dir)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return ParquetReader(path, images)
+    if suffix == ".json" and _first_char(path) == "[":
+        return JsonArrayReader(path, images)
+    if suffix in (".jsonl", ".json"):
+        return JsonlReader(path, images)
+    raise UserError(f"--data {path}: unknown format (expected .jsonl, .json or .parquet)")
+
+
+def _first_char(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    return head[:1].decode("ascii", "replace")

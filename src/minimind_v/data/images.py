@@ -1,0 +1,190 @@
+"""Images: safe loading, conversion to RGB, and the vision tower's own preprocessing.
+
+Preprocessing follows the tower's preprocessor_config.json (CLIP: resize the shortest side with
+bicubic, centre crop, rescale to [0, 1], normalise with the config's mean and std; SigLIP: resize to
+a fixed height x width), computed with PIL + numpy and equal to transformers' CLIPImageProcessorPil.
+
+RGB conversion: EXIF orientation applied first; CMYK, palette, grayscale and 16-bit images are
+converted; transparency (RGBA, LA, palette with transparency) is composited on white, because a
+transparent background is meant to be seen as blank paper, and dropping alpha instead exposes
+whatever colour the invisible pixels happen to hold (often black).
+
+Safety: an image whose header announces more than `max_pixels` pixels is refused before decoding
+(decompression bombs), and an image path must stay inside the image folder (no "..", no absolute
+path elsewhere, no symlink leading out).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from minimind_v.data.formats import BadSample, ImageRef
+from minimind_v.errors import UserError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+@dataclass
+class ImagePreprocessor:
+    """What one image goes through on its way to the vision tower; read from preprocessor_config.json."""
+
+    shortest_edge: int | None = 224
+    """Resize so the shorter side has this length (CLIP); None: resize to height x width (SigLIP)."""
+    height: int = 224
+    """Output height (the crop, or the fixed resize)."""
+    width: int = 224
+    """Output width."""
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+    rescale_factor: float = 1 / 255
+    resample: int = Image.Resampling.BICUBIC
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ImagePreprocessor":
+        size = config.get("size", {"shortest_edge": 224})
+        if isinstance(size, int):  # older configs: a bare int is the shortest edge
+            size = {"shortest_edge": size}
+        crop = config.get("crop_size", {})
+        crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
+        crops = config.get("do_center_crop", "shortest_edge" in size)
+        shortest = size.get("shortest_edge")
+        height = crop.get("height", shortest) if crops else size.get("height", shortest)
+        width = crop.get("width", shortest) if crops else size.get("width", shortest)
+        return cls(shortest_edge=shortest if "shortest_edge" in size else None, height=int(height), width=int(width),
+                   mean=tuple(config.get("image_mean", CLIP_MEAN)), std=tuple(config.get("image_std", CLIP_STD)),
+                   rescale_factor=float(config.get("rescale_factor", 1 / 255)),
+                   resample=int(config.get("resample", Image.Resampling.BICUBIC)))
+
+    @classmethod
+    def for_image_size(cls, image_size: int) -> "ImagePreprocessor":
+        """CLIP's recipe at another resolution: for a tower trained from scratch (the tiny preset)."""
+        return cls(shortest_edge=image_size, height=image_size, width=image_size)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path) -> "ImagePreprocessor":
+        """A local directory, or a hub id already in the Hugging Face cache (nothing is downloaded here)."""
+        path = Path(name_or_path)
+        if path.is_dir():
+            config_file = path / "preprocessor_config.json"
+            if not config_file.is_file():
+                raise UserError(f"{path}: no preprocessor_config.json in the vision encoder directory")
+        else:
+            config_file = _cached_hub_file(str(name_or_path))
+        return cls.from_config(json.loads(Path(config_file).read_text(encoding="utf-8")))
+
+    def to_config(self) -> dict[str, Any]:
+        """The same settings as a transformers CLIPImageProcessor config (for preprocessor_config.json)."""
+        size = {"shortest_edge": self.shortest_edge} if self.shortest_edge else {"height": self.height,
+                                                                                   "width": self.width}
+        return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": size,
+                "do_center_crop": self.shortest_edge is not None,
+                "crop_size": {"height": self.height, "width": self.width}, "do_rescale": True,
+                "rescale_factor": self.rescale_factor, "do_normalize": True, "image_mean": list(self.mean),
+                "image_std": list(self.std), "resample": self.resample, "do_convert_rgb": True}
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, "preprocessor_config.json").write_text(json.dumps(self.to_config(), indent=2))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """An RGB PIL image -> (3, height, width) float32, normalised."""
+        if self.shortest_edge is not None:
+            image = image.resize(self._resized_size(image.size), resample=self.resample)
+            image = _center_crop(image, self.height, self.width)
+        else:
+            image = image.resize((self.width, self.height), resample=self.resample)
+        pixels = np.asarray(image, dtype=np.float32) * np.float32(self.rescale_factor)  # (H, W, 3)
+        pixels = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+    def _resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        width, height = size
+        short, long = min(width, height), max(width, height)
+        new_long = int(self.shortest_edge * long / short)  # truncation, as transformers does
+        return (self.shortest_edge, new_long) if width <= height else (new_long, self.shortest_edge)
+
+    def __repr__(self) -> str:
+        return f"ImagePreprocessor({asdict(self)})"
+
+
+def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
+    top, left = (image.height - height) // 2, (image.width - width) // 2
+    if top < 0 or left < 0:  # smaller than the crop: pad with black around it, as transformers does
+        canvas = Image.new("RGB", (max(width, image.width), max(height, image.height)))
+        canvas.paste(image, (max(0, -left), max(0, -top)))
+        return _center_crop(canvas, height, width)
+    return image.crop((left, top, left + width, top + height))
+
+
+def _cached_hub_file(repo_id: str) -> str:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo_id, "preprocessor_config.json", local_files_only=True)
+    except Exception as err:  # huggingface_hub raises several types for "not cached" / "offline"
+        raise UserError(f"vision encoder {repo_id!r}: not a local directory and not in the Hugging Face cache "
+                        f"(run `minimind-v download` first; {type(err).__name__})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB, orientation fixed, transparency composited on white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit samples: PIL's convert("RGB") would clip everything above 255 to white
+        pixels = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(pixels / 257.0, 0, 255).round().astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def resolve_image_path(images_dir: Path, name: str) -> Path:
+    """`name` inside images_dir, symlinks followed; BadSample when it points outside or does not exist."""
+    root = images_dir.resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root):
+        raise BadSample("image_path", f"image {name!r} lies outside the image folder {images_dir}")
+    if not path.is_file():
+        raise BadSample("missing_image", f"image {name!r} not found in {images_dir}")
+    return path
+
+
+def load_image(ref: ImageRef, images_dir: Path | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open, check the size from the header, decode, convert to RGB; BadSample for anything unusable."""
+    if isinstance(ref, bytes):
+        source: Any = io.BytesIO(ref)
+        label = f"embedded image ({len(ref)} bytes)"
+    else:
+        source = resolve_image_path(images_dir or Path("."), ref)
+        label = f"image {ref!r}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                if image.width * image.height > max_pixels:
+                    raise BadSample("image_too_large", f"{label}: {image.width}x{image.height} pixels "
+                                                       f"> max_pixels {max_pixels}")
+                image.load()
+                return to_rgb(image)
+    except BadSample:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadSample("image_too_large", f"{label}: {err}") from None
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as err:
+        raise BadSample("bad_image", f"{label}: cannot decode ({err})") from None
