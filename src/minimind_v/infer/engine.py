@@ -85,7 +85,7 @@ class Engine:
                  device: str | torch.device | None = None) -> None:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
-        self.config = model.config
+        self.config = model.cfg
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         vocab = tokenizer.get_vocab()
@@ -151,10 +151,10 @@ class Engine:
         return [row.completion() for row in rows]
 
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
-        """PIL images -> (N, 3, H, W) pixel values on the engine's device."""
-        from minimind_v.data.images import preprocess_images
-
-        return preprocess_images(self.image_processor, images).to(self.device, self._float_dtype())
+        """PIL images -> (N, 3, H, W) pixel values on the engine's device (RGB: alpha dropped)."""
+        rgb = [img.convert("RGB") for img in images]
+        pixels = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+        return pixels.to(self.device, self._float_dtype())
 
     def _float_dtype(self) -> torch.dtype:
         return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
