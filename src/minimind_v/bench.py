@@ -1,0 +1,357 @@
+"""`minimind-v bench`: training throughput of one preset and stage, the original's way against ours.
+
+Both modes run the real model and optimizer on the same synthetic batches at the preset's true
+shapes (one image of random pixels per sample, a prompt, an answer), from the same initial
+weights, with the stage's trainable set (pretrain: the projector; sft: LLM + projector):
+
+- naive, the original loop: every sample padded to the stage's max length, the frozen vision
+  tower run on every step, logits over every position, plain AdamW.
+- fast: dynamic padding (each batch as long as its longest sample; right padding needs no
+  attention mask under a causal model), image features taken from a cache built once before the
+  clock starts (what data/feature_cache.py gives a real run), the LM head only at supervised
+  positions, fused AdamW and compiled decoder blocks on CUDA.
+
+Both compute the same objective, so their first-step losses agree (a check printed in the JSON).
+Model FLOPs count only the useful work at the real length (no padding, no per-step tower, the LM
+head where supervised); MFU divides them by the device's dense bf16 peak when it is known.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import random
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minimind_v.errors import UserError
+from minimind_v.model.config import VLMConfig
+from minimind_v.model.llm import IGNORE_INDEX
+from minimind_v.model.vlm import MiniMindVLM
+from minimind_v.presets import get_preset
+from minimind_v.train.freezing import apply_policy
+from minimind_v.train.optim import build_optimizer
+from minimind_v.train.stages import get_stage
+
+# Text around the image in one sample, in tokens: (prompt lo, hi), (answer lo, hi). Pretrain is the
+# original's caption data (196 image tokens + ~44 text), SFT its conversations (~300 tokens in all).
+TEXT_LENGTHS = {"pretrain": ((8, 16), (24, 48)), "sft": ((20, 60), (40, 100))}
+
+# Dense bf16 peaks (FLOP/s) by device name, most specific first.
+BF16_PEAKS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+              ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
+              ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12))
+
+
+@dataclass
+class BenchOptions:
+    preset: str = "minimind2-small-v"
+    """Model preset; a tower that would be downloaded is built with random weights from its config instead."""
+    stage: Literal["pretrain", "sft"] = "pretrain"
+    """pretrain: the projector learns, captions; sft: LLM + projector learn, conversations."""
+    steps: int = 3
+    """Timed optimizer steps per mode."""
+    warmup: int = 1
+    """Untimed steps first (allocator, kernels, compilation)."""
+    mode: Literal["naive", "fast", "both"] = "both"
+    """Which loop to time; both also reports fast/naive."""
+    batch_size: int = 8
+    """Samples per step."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (cuda when available)."""
+    max_seq_len: int | None = None
+    """Length the naive loop pads to; default the stage's (pretrain 640, sft 1536)."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the decoder blocks in fast mode; auto: on CUDA only (on 2 CPU cores it costs minutes)."""
+    seed: int = 0
+    """Seed of the weights and of the synthetic data."""
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class Batch:
+    samples: list[Sample]
+    pixels: Tensor  # (B, 3, H, W): one image per sample
+    features: Tensor  # (B, n_patches, vision_dim) fp16, precomputed
+
+
+def main(opts: BenchOptions) -> int:
+    print(json.dumps(run(opts), indent=2))
+    return 0
+
+
+@dataclass
+class Setup:
+    """A model with the stage's trainable set and the synthetic batches both modes run on."""
+
+    cfg: VLMConfig
+    model: MiniMindVLM
+    batches: list[Batch]
+    encode_seconds_per_image: float
+    max_len: int
+    device: torch.device
+
+
+def setup(opts: BenchOptions) -> Setup:
+    _validate(opts)
+    device = _device(opts.device)
+    cfg = bench_config(opts.preset)
+    stage = get_stage(opts.stage)
+    max_len = opts.max_seq_len or stage.max_seq_len
+    torch.manual_seed(opts.seed)
+    model = MiniMindVLM(cfg).to(device)
+    # The stage's trainable set; the tower stays frozen, as in the recipe whose features can be cached.
+    apply_policy(model, stage.freeze, train_vision=False, uses_images=True)
+    samples = synthetic_samples(cfg, opts.stage, opts.batch_size * (opts.warmup + opts.steps), max_len, opts.seed)
+    batches, encode_s = make_batches(model, samples, opts.batch_size, device)
+    return Setup(cfg, model, batches, encode_s, max_len, device)
+
+
+def run(opts: BenchOptions) -> dict[str, Any]:
+    s = setup(opts)
+    samples = [x for b in s.batches for x in b.samples]
+    result: dict[str, Any] = {
+        "preset": opts.preset, "stage": opts.stage, "device": _device_name(s.device),
+        "batch_size": opts.batch_size, "timed_steps": opts.steps, "warmup_steps": opts.warmup,
+        "naive_max_seq_len": s.max_len,
+        "mean_real_tokens_per_sample": round(sum(len(x.input_ids) for x in samples) / len(samples), 1),
+        "trainable_parameters": sum(p.numel() for p in s.model.parameters() if p.requires_grad),
+        "feature_cache": {"encoded_once_untimed": True, "seconds_per_image": round(s.encode_seconds_per_image, 4)},
+    }
+    initial = copy.deepcopy({k: v for k, v in s.model.state_dict().items() if not k.startswith("vision.")})
+    # Fast first: on CPU the peak-memory figure is the process's, which only ever grows.
+    for mode in ("fast", "naive"):
+        if opts.mode in (mode, "both"):
+            s.model.load_state_dict(initial, strict=False)
+            result[mode] = time_mode(mode, s, opts)
+    if opts.mode == "both":
+        result["speedup_fast_over_naive"] = round(result["fast"]["samples_per_s"] / result["naive"]["samples_per_s"], 2)
+        result["first_step_loss_gap"] = round(abs(result["fast"]["first_loss"] - result["naive"]["first_loss"]), 5)
+    return result
+
+
+def _validate(opts: BenchOptions) -> None:
+    for name in ("steps", "batch_size"):
+        if getattr(opts, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
+    if opts.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {opts.warmup}")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def bench_config(preset: str) -> VLMConfig:
+    """The preset, with a tower that would come from the Hub replaced by a random one of the same shape."""
+    cfg = get_preset(preset)
+    v = cfg.vision
+    if v.init is None:
+        # Only CLIP towers are named by the presets; ViT-B is CLIPVisionConfig's default width and depth.
+        patch = v.image_size // math.isqrt(v.num_patches)
+        v.init = {"model_type": "clip_vision_model", "hidden_size": v.hidden_size, "image_size": v.image_size,
+                  "patch_size": patch}
+    return cfg
+
+
+def synthetic_samples(cfg: VLMConfig, stage: str, n: int, max_len: int, seed: int) -> list[Sample]:
+    """`n` samples: prompt tokens, one image's placeholder run, more prompt, then the supervised answer."""
+    rng = random.Random(seed)
+    (p_lo, p_hi), (a_lo, a_hi) = TEXT_LENGTHS[stage]
+    text_ids = [i for i in range(3, cfg.lm.vocab_size) if i != cfg.image_token_id]  # 0-2 are special tokens
+    samples = []
+    for _ in range(n):
+        prompt = rng.randint(p_lo, p_hi)
+        answer = min(rng.randint(a_lo, a_hi), max_len - prompt - cfg.image_token_len)
+        if answer < 1:
+            raise UserError(f"--max-seq-len {max_len} leaves no room for an answer after {cfg.image_token_len} "
+                            "image tokens and the prompt")
+        before = rng.randint(1, prompt - 1)
+        ids = ([rng.choice(text_ids) for _ in range(before)] + [cfg.image_token_id] * cfg.image_token_len
+               + [rng.choice(text_ids) for _ in range(prompt - before + answer)])
+        labels = [IGNORE_INDEX] * (len(ids) - answer) + ids[-answer:]
+        samples.append(Sample(ids, labels))
+    return samples
+
+
+def make_batches(model: MiniMindVLM, samples: list[Sample], batch_size: int,
+                 device: torch.device) -> tuple[list[Batch], float]:
+    """Group samples into batches with random pixels; returns the batches and the tower's seconds per image.
+
+    The features are what a feature cache would hold: the frozen tower's output, stored in fp16.
+    """
+    size = model.cfg.vision.image_size
+    batches, encode_s = [], 0.0
+    for start in range(0, len(samples), batch_size):
+        pixels = torch.randn(batch_size, 3, size, size, device=device)
+        t0 = _now(device)
+        with torch.no_grad():
+            features = model.encode_images(pixels).half()
+        encode_s += _now(device) - t0
+        batches.append(Batch(samples[start:start + batch_size], pixels, features))
+    return batches, encode_s / len(samples)
+
+
+# ---- the two loops ------------------------------------------------------------------------------
+
+
+def naive_inputs(batch: Batch, max_len: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The original's tensors: ids padded with 0 to max_len, then X = ids[:-1], Y = ids[1:], mask on Y."""
+    ids = torch.zeros(len(batch.samples), max_len, dtype=torch.long)
+    mask = torch.zeros(len(batch.samples), max_len)
+    for row, s in enumerate(batch.samples):
+        ids[row, :len(s.input_ids)] = torch.tensor(s.input_ids)
+        mask[row, :len(s.labels)] = torch.tensor([float(t != IGNORE_INDEX) for t in s.labels])
+    return ids[:, :-1].to(device), ids[:, 1:].to(device), mask[:, 1:].to(device)
+
+
+def naive_loss(model: nn.Module, batch: Batch, max_len: int, device: torch.device) -> Tensor:
+    x, y, mask = naive_inputs(batch, max_len, device)
+    out = model(x, pixel_values=batch.pixels)  # tower on every step, logits at every position
+    ce = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten(), reduction="none").view(y.shape)
+    return (ce * mask).sum() / mask.sum() + out.aux_loss
+
+
+def fast_inputs(batch: Batch, device: torch.device, multiple: int) -> tuple[Tensor, Tensor]:
+    """Right-padded to the batch's longest sample (rounded up to `multiple`); padding is never supervised."""
+    longest = max(len(s.input_ids) for s in batch.samples)
+    width = -(-longest // multiple) * multiple
+    ids = torch.zeros(len(batch.samples), width, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for row, s in enumerate(batch.samples):
+        ids[row, :len(s.input_ids)] = torch.tensor(s.input_ids)
+        labels[row, :len(s.labels)] = torch.tensor(s.labels)
+    return ids.to(device), labels.to(device)
+
+
+def fast_loss(model: nn.Module, batch: Batch, device: torch.device, multiple: int) -> Tensor:
+    ids, labels = fast_inputs(batch, device, multiple)
+    # Right padding under a causal mask: real tokens never see the pads, so no attention mask is needed
+    # and attention keeps SDPA's fused causal path.
+    out = model(ids, labels=labels, image_features=batch.features, logits_to_keep="none")
+    return out.loss
+
+
+def time_mode(mode: str, s: Setup, opts: BenchOptions) -> dict[str, Any]:
+    model, device = s.model, s.device
+    stage = get_stage(opts.stage)
+    cuda = device.type == "cuda"
+    compiled = mode == "fast" and (opts.compile == "on" or (opts.compile == "auto" and cuda))
+    if mode == "fast":
+        optimizer = build_optimizer(model, stage.lr, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8)
+        multiple = 64 if compiled else 1  # few distinct shapes, so few recompilations
+        loss_fn: Callable[[Batch], Tensor] = lambda b: fast_loss(model, b, device, multiple)
+    else:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=stage.lr)
+        loss_fn = lambda b: naive_loss(model, b, s.max_len, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    with _compiled_blocks(model, compiled):
+        losses, seconds = _timed_steps(loss_fn, optimizer, model, s.batches, opts.warmup, autocast, device)
+    timed = [x for b in s.batches[opts.warmup:] for x in b.samples]
+    flops = sum(sample_flops(s.cfg, x, opts.stage) for x in timed)
+    peak = next((p for name, p in BF16_PEAKS if name in _device_name(device)), None) if cuda else None
+    return {
+        "seconds_per_step": round(seconds / opts.steps, 4),
+        "samples_per_s": round(len(timed) / seconds, 3),
+        "real_tokens_per_s": round(sum(len(x.input_ids) for x in timed) / seconds, 1),
+        "model_tflops_per_s": round(flops / seconds / 1e12, 4),
+        "mfu": round(flops / seconds / peak, 4) if peak else None,
+        "peak_memory_mb": _peak_memory_mb(device),
+        "first_loss": round(losses[0], 5),
+        "compiled": compiled,
+    }
+
+
+def _timed_steps(loss_fn: Callable[[Batch], Tensor], optimizer: torch.optim.Optimizer, model: nn.Module,
+                 batches: list[Batch], warmup: int, autocast: contextlib.AbstractContextManager,
+                 device: torch.device) -> tuple[list[float], float]:
+    """One optimizer step per batch (forward, backward, clip, step); seconds over the steps after warmup."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    losses, start = [], _now(device)
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            start = _now(device)
+        with autocast:
+            loss = loss_fn(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses, _now(device) - start
+
+
+@contextlib.contextmanager
+def _compiled_blocks(model: MiniMindVLM, enabled: bool) -> Iterator[None]:
+    """Decoder blocks compiled one by one (the shapes a block sees are clean; the VLM's scatter is not)."""
+    if not enabled:
+        yield
+        return
+    original = model.lm.layers
+    model.lm.layers = nn.ModuleList(torch.compile(block, dynamic=True) for block in original)
+    try:
+        yield
+    finally:
+        model.lm.layers = original
+
+
+def sample_flops(cfg: VLMConfig, sample: Sample, stage: str) -> float:
+    """Useful training FLOPs of one sample: forward + backward at its real length.
+
+    A frozen matmul still needs its input gradient (1x forward) in backward; a trained one also its
+    weight gradient (2x). Attention is 2x forward in backward either way. The LM head counts only
+    at supervised positions; the frozen tower not at all (its features are cached).
+    """
+    lm = cfg.lm
+    T = len(sample.input_ids)
+    supervised = sum(t != IGNORE_INDEX for t in sample.labels)
+    kv = lm.num_key_value_heads * lm.head_dim
+    layer_params = 2 * lm.hidden_size * lm.hidden_size + 2 * lm.hidden_size * kv + 3 * lm.hidden_size * lm.ffn_size
+    llm_backward = 2 if stage == "sft" else 1  # sft trains the LLM, pretrain only reaches the projector through it
+    matmul = 2 * lm.num_hidden_layers * layer_params * T + 2 * lm.hidden_size * lm.vocab_size * supervised
+    attention = lm.num_hidden_layers * 4 * lm.hidden_size * T * (T + 1) / 2  # causal QK^T and AV
+    projector_params = cfg.vision.hidden_size * lm.hidden_size + (lm.hidden_size ** 2 if cfg.projector == "mlp" else 0)
+    projector = 2 * projector_params * cfg.image_token_len
+    return matmul * (1 + llm_backward) + attention * 3 + projector * 3
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _peak_memory_mb(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        return {"kind": "cuda_max_allocated", "mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
+    # ru_maxrss is KB on Linux: the whole process's peak so far, tower and data included.
+    return {"kind": "process_peak_rss", "mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}

@@ -1,0 +1,93 @@
+"""`minimind-v bench`: both loops train the same objective with the stage's trainable set; the JSON is complete."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig
+
+from minimind_v import bench, cli
+from minimind_v.model.llm import IGNORE_INDEX
+
+TINY = dict(preset="tiny", steps=1, warmup=0, batch_size=2, max_seq_len=160)
+
+
+def test_both_modes_report_and_agree_on_the_first_loss() -> None:
+    result = bench.run(bench.BenchOptions(stage="pretrain", **TINY))
+    for mode in ("fast", "naive"):
+        r = result[mode]
+        assert r["samples_per_s"] > 0 and r["real_tokens_per_s"] > 0 and r["model_tflops_per_s"] > 0
+        assert r["mfu"] is None  # no known peak on CPU
+        assert r["peak_memory_mb"]["kind"] == "process_peak_rss"
+    assert result["speedup_fast_over_naive"] == pytest.approx(
+        result["fast"]["samples_per_s"] / result["naive"]["samples_per_s"], rel=0.01)
+    # Padding, cached fp16 features and head-only-where-supervised leave the objective unchanged.
+    assert result["first_step_loss_gap"] < 1e-3
+    assert result["feature_cache"]["encoded_once_untimed"] is True
+
+
+def test_the_two_loops_supervise_the_same_targets() -> None:
+    s = bench.setup(bench.BenchOptions(stage="sft", **{**TINY, "max_seq_len": 400}))
+    batch = s.batches[0]
+    x, y, mask = bench.naive_inputs(batch, s.max_len, torch.device("cpu"))
+    ids, labels = bench.fast_inputs(batch, torch.device("cpu"), multiple=8)
+    assert ids.shape[1] % 8 == 0 and ids.shape[1] < x.shape[1]
+    for row in range(len(batch.samples)):
+        naive = {(t, int(y[row, t])) for t in range(y.shape[1]) if mask[row, t]}
+        fast = {(t, int(labels[row, t + 1])) for t in range(ids.shape[1] - 1) if labels[row, t + 1] != IGNORE_INDEX}
+        assert naive == fast and naive
+        assert torch.equal(x[row, :ids.shape[1]][ids[row] != 0], ids[row][ids[row] != 0])
+
+
+@pytest.mark.parametrize("stage, llm_moves", [("pretrain", False), ("sft", True)])
+@pytest.mark.parametrize("mode", ["naive", "fast"])
+def test_each_mode_trains_the_stage_trainable_set(stage: str, llm_moves: bool, mode: str) -> None:
+    opts = bench.BenchOptions(stage=stage, mode=mode, **TINY)
+    s = bench.setup(opts)
+    before = {k: v.clone() for k, v in s.model.state_dict().items()}
+    bench.time_mode(mode, s, opts)
+    after = s.model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("projector.") for k in moved)
+    assert not any(k.startswith("vision.") for k in moved)
+    assert any(k.startswith("lm.") for k in moved) == llm_moves
+
+
+def test_flop_count_matches_the_real_parameter_count() -> None:
+    cfg = bench.bench_config("tiny")
+    s = bench.setup(bench.BenchOptions(stage="sft", **TINY))
+    sample = s.batches[0].samples[0]
+    T = len(sample.input_ids)
+    supervised = sum(t != IGNORE_INDEX for t in sample.labels)
+    block_params = sum(p.numel() for p in s.model.lm.layers.parameters() if p.dim() == 2)
+    head = s.model.lm.lm_head.weight.numel()
+    projector = sum(p.numel() for p in s.model.projector.parameters() if p.dim() == 2)
+    L, C = cfg.lm.num_hidden_layers, cfg.lm.hidden_size
+    attention = L * 4 * C * T * (T + 1) / 2
+    expected = 6 * (block_params * T + head * supervised) + 3 * attention + 6 * projector * cfg.image_token_len
+    assert bench.sample_flops(cfg, sample, "sft") == pytest.approx(expected)
+    # pretrain: the LLM's weight gradients are skipped, one third of its matmul work.
+    pre = bench.sample_flops(cfg, sample, "pretrain")
+    assert pre == pytest.approx(expected - 2 * (block_params * T + head * supervised))
+
+
+def test_the_real_presets_get_a_random_clip_b16_of_the_true_shape() -> None:
+    cfg = bench.bench_config("minimind2-small-v")
+    init = dict(cfg.vision.init)
+    clip = CLIPVisionConfig(**{k: v for k, v in init.items() if k != "model_type"})
+    assert (clip.image_size // clip.patch_size) ** 2 == cfg.image_token_len == 196
+    assert (clip.hidden_size, clip.num_hidden_layers, clip.num_attention_heads) == (768, 12, 12)
+
+
+def test_cli_prints_json_and_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "--preset", "tiny", "--stage", "pretrain", "--steps", "1", "--warmup", "0",
+            "--batch-size", "1", "--max-seq-len", "128", "--mode", "fast"]
+    assert cli.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "fast" in result and "naive" not in result and "speedup_fast_over_naive" not in result
+    assert cli.main(["bench", "--preset", "tiny", "--steps", "0"]) == 2
+    assert cli.main(["bench", "--preset", "tiny", "--max-seq-len", "70"]) == 2
+    assert cli.main(["bench", "--preset", "nope"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
