@@ -1,0 +1,55 @@
+"""Freezing policies by name: which parts of the VLM learn in a stage.
+
+Freezing is requires_grad=False, and only parameters that still require grad reach the optimizer
+(train/optim.py), so a frozen weight can neither move nor cost optimizer memory.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+POLICIES = ("projector", "projector+ends", "llm", "all")
+"""projector: the projector alone; projector+ends: also the first and last LLM blocks;
+llm: the whole LLM and the projector; all: also the vision tower."""
+
+# The tower's features are its last hidden state: the final layer norm and SigLIP's pooling head
+# never see a gradient, and a trainable weight without one breaks DDP and wastes optimizer state.
+_UNUSED_BY_FEATURES = ("post_layernorm", "head")
+
+
+def _set(module: nn.Module, trainable: bool) -> None:
+    for param in module.parameters():
+        param.requires_grad_(trainable)
+
+
+def apply_policy(model: nn.Module, policy: str, train_vision: bool, uses_images: bool) -> None:
+    """Mark what learns under `policy`.
+
+    `train_vision`: the tower learns under every policy (a tower built from scratch, like the tiny
+    preset's, is useless frozen). Without images (the lm stage) the projector and the tower never
+    see a gradient, so they are frozen whatever the policy says.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown freezing policy {policy!r} (known: {', '.join(POLICIES)})")
+    _set(model, False)
+    _set(model.projector, True)
+    if policy == "projector+ends":
+        _set(model.lm.layers[0], True)
+        _set(model.lm.layers[-1], True)
+    if policy in ("llm", "all"):
+        _set(model.lm, True)
+    vision_learns = uses_images and (policy == "all" or train_vision)
+    if not uses_images:
+        _set(model.projector, False)
+    _set(model.vision, vision_learns)
+    for name, param in model.vision.named_parameters():
+        if name.split(".")[1] in _UNUSED_BY_FEATURES:
+            param.requires_grad_(False)
+    # The tower runs without autograd and in eval mode while `frozen`; it must agree with requires_grad.
+    model.vision.frozen = not vision_learns
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameters, a tied tensor counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)

@@ -1,0 +1,62 @@
+"""AdamW over the trainable parameters only, and the learning-rate schedule as a pure function of the step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _no_decay_ids(model: nn.Module) -> set[int]:
+    """Norm weights, biases and embeddings: decaying them only pulls useful scales toward zero."""
+    ids: set[int] = set()
+    for module in model.modules():
+        is_norm = isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith("Norm")
+        if is_norm or isinstance(module, nn.Embedding):
+            ids.update(id(p) for p in module.parameters(recurse=False))
+    # A tied LM head is the embedding itself, so it is caught above by identity.
+    ids.update(id(p) for p in model.parameters() if p.ndim < 2)
+    return ids
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups of trainable parameters: with and without weight decay (frozen ones never enter)."""
+    no_decay = _no_decay_ids(model)
+    decay_params, plain_params = [], []
+    for param in model.parameters():  # parameters() yields a tied tensor once
+        if param.requires_grad:
+            (plain_params if id(param) in no_decay else decay_params).append(param)
+    groups = [{"params": decay_params, "weight_decay": weight_decay},
+              {"params": plain_params, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                    eps: float) -> torch.optim.AdamW:
+    groups = param_groups(model, weight_decay)
+    if not groups:
+        raise ValueError("no trainable parameters: the freezing policy left nothing to train")
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    # The fused kernel updates all tensors in one launch; it exists for CUDA tensors only.
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=on_cuda or None)
+
+
+def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Learning rate of optimizer step `step` (0-based) of `total_steps`.
+
+    Linear warmup reaches exactly `peak` at step warmup_steps - 1 (and stays there at step warmup_steps),
+    then a half cosine falls to exactly `peak * min_lr_ratio` at the last step.
+    """
+    floor = peak * min_lr_ratio
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - 1 - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    weight = 0.5 * (1.0 + math.cos(math.pi * progress))  # exactly 1 at the start, exactly 0 at the end
+    return peak * weight + floor * (1.0 - weight)  # this form hits both ends exactly in floating point
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,47 @@
+"""A stage is a config, not a script: the defaults that make `lm`, `pretrain` and `sft` different."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from minimind_v.errors import UserError
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What one stage of training means; every value is only a default a flag can change."""
+
+    name: str
+    uses_images: bool
+    """Samples carry images (pretrain, sft) or are text only (lm)."""
+    freeze: str
+    """Default freezing policy (see train/freezing.py)."""
+    lr: float
+    """Peak learning rate."""
+    max_seq_len: int
+    """Samples longer than this are counted as bad and skipped."""
+    epochs: int
+    batch_size: int
+    """Samples per micro-batch per process."""
+    needs_from: bool
+    """Starting from random weights makes no sense here, so --from must be given."""
+
+
+STAGES: dict[str, Stage] = {
+    # The language model alone, on text, from nothing (the original MiniMind pretrain: 5e-4, 512 tokens).
+    "lm": Stage("lm", uses_images=False, freeze="llm", lr=5e-4, max_seq_len=512, epochs=1, batch_size=32,
+                needs_from=False),
+    # Captions: only the projector learns to map image features into the LLM's space (the original: 4e-4, 640).
+    "pretrain": Stage("pretrain", uses_images=True, freeze="projector", lr=4e-4, max_seq_len=640, epochs=4,
+                      batch_size=16, needs_from=True),
+    # Conversations: LLM + projector. The original uses 1e-6 on a well-trained LLM; a model trained here from
+    # scratch needs far more to move, and 5e-5 stays well below the pretrain rate.
+    "sft": Stage("sft", uses_images=True, freeze="llm", lr=5e-5, max_seq_len=1536, epochs=2, batch_size=8,
+                 needs_from=True),
+}
+
+
+def get_stage(name: str) -> Stage:
+    if name not in STAGES:
+        raise UserError(f"--stage {name!r}: unknown stage (known: {', '.join(STAGES)})")
+    return STAGES[name]

@@ -1,0 +1,119 @@
+"""One optimizer step over k micro-batches, and the validation pass.
+
+The objective of a step is the cross-entropy summed over every supervised token of the step's
+micro-batches on every process, divided by their total count: each token weighs the same
+whatever micro-batch or process it landed in. So k micro-batches of B samples give the weights
+of one batch of kB, and W processes give those of one process with a W times larger batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from minimind_v.model.llm import IGNORE_INDEX
+from minimind_v.train import distributed
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Precision:
+    """How the forward pass runs: bf16 or fp16 autocast on CUDA (fp16 with a loss scaler), else fp32."""
+
+    device_type: str
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+
+    @classmethod
+    def choose(cls, name: str, device: torch.device) -> "Precision":
+        if name == "auto":
+            name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
+        return cls(device.type, dtype, scaler)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def supervised_tokens(batch: Batch) -> int:
+    """Supervised targets in a batch, counted on the host from the labels the model will shift."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def input_tokens(batch: Batch) -> int:
+    """Real (non-padding) tokens, for throughput."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if "segment_ids" in batch:
+        return int((batch["segment_ids"] > 0).sum())
+    return batch["input_ids"].numel()
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    # Pinned host memory (DataLoader pin_memory) lets these copies overlap with compute on CUDA.
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _forward(model: nn.Module, batch: Batch, precision: Precision):
+    with precision.autocast():
+        # logits_to_keep="none": with labels the model runs the LM head only at supervised positions.
+        return model(**batch, logits_to_keep="none")
+
+
+def train_step(model: nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer,
+               precision: Precision, grad_clip: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward/backward every micro-batch, then clip and step. Returns (summed CE, grad norm) as device
+    tensors, so nothing here waits for the device."""
+    counts = [supervised_tokens(b) for b in micro_batches]
+    total = torch.tensor(float(sum(counts)), device=device)
+    distributed.all_reduce_sum(total)  # tokens of this step on all processes
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    k = len(micro_batches)
+    ce_sum = torch.zeros((), device=device)
+    for i, (batch, n) in enumerate(zip(micro_batches, counts)):
+        last = i == k - 1
+        # DDP averages gradients over processes; multiplying by `world` turns that average into a sum.
+        sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
+        with sync:
+            out = _forward(model, to_device(batch, device), precision)
+            ce = out.loss - out.aux_loss  # mean CE over this micro-batch's n supervised tokens
+            loss = ce * (n * world) / total.clamp(min=1) + out.aux_loss / k
+            (precision.scaler.scale(loss) if precision.scaler else loss).backward()
+        ce_sum += ce.detach().float() * n
+    if precision.scaler:
+        precision.scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if precision.scaler:
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ce_sum, norm
+
+
+@torch.no_grad()
+def validation_sums(model: nn.Module, batches: Iterator[Batch], precision: Precision,
+                    device: torch.device) -> tuple[float, int]:
+    """(summed CE, supervised tokens) over this process's validation batches, summed over processes."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in batches:
+        n = supervised_tokens(batch)
+        out = _forward(model, to_device(batch, device), precision)
+        totals[0] += out.loss.double() * n
+        totals[1] += n
+    model.train(was_training)
+    distributed.all_reduce_sum(totals)
+    return float(totals[0]), int(totals[1])

@@ -1,0 +1,174 @@
+"""The training loop's pieces on a tiny random model: schedule, optimizer groups, freezing, accumulation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from minimind_v.model.config import LMConfig, VisionConfig, VLMConfig
+from minimind_v.model.vlm import MiniMindVLM
+from minimind_v.train import freezing, optim
+from minimind_v.train.sampler import Slicing, epoch_order
+from minimind_v.train.step import Precision, train_step
+
+IMG = 3  # placeholder id
+N_PATCH = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matrices on a shared 2-core machine: a second thread only waits for the first one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_vlm(dropout: float = 0.0) -> MiniMindVLM:
+    torch.manual_seed(0)
+    cfg = VLMConfig(
+        lm=LMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=128, dropout=dropout),
+        vision=VisionConfig(name_or_path="vision", hidden_size=16, image_size=16, num_patches=N_PATCH, freeze=True,
+                            init={"model_type": "clip_vision_model", "hidden_size": 16, "intermediate_size": 32,
+                                  "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 16,
+                                  "patch_size": 8, "num_channels": 3}),
+        projector="mlp", image_token_id=IMG, image_token_len=N_PATCH)
+    return MiniMindVLM(cfg)
+
+
+def batch(lengths: list[int], seed: int, with_images: bool = True) -> dict[str, torch.Tensor]:
+    """Right-padded samples: an image run, then text; the second half of each sample is supervised."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.zeros(len(lengths), T, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(4, 64, (n,), generator=g)
+        if with_images:
+            ids[row, 1:1 + N_PATCH] = IMG
+        labels[row, n // 2:n] = ids[row, n // 2:n]
+        mask[row, :n] = 1
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if with_images:
+        out["pixel_values"] = torch.randn(len(lengths), 3, 16, 16, generator=g)
+    return out
+
+
+def concat(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    T = max(b["input_ids"].shape[1] for b in batches)
+    pad = {"input_ids": 0, "labels": -100, "attention_mask": 0}
+    out = {k: torch.cat([torch.nn.functional.pad(b[k], (0, T - b[k].shape[1]), value=v) for b in batches])
+           for k, v in pad.items()}
+    out["pixel_values"] = torch.cat([b["pixel_values"] for b in batches])
+    return out
+
+
+def test_warmup_reaches_peak_exactly_and_cosine_ends_at_floor():
+    peak, warmup, total, ratio = 3e-4, 10, 100, 0.1
+    lrs = [optim.lr_at(s, peak, warmup, total, ratio) for s in range(total)]
+    assert lrs[warmup - 1] == peak and lrs[warmup] == peak
+    assert lrs[0] == peak / warmup
+    assert lrs[-1] == peak * ratio
+    assert all(a <= b for a, b in zip(lrs[:warmup], lrs[1:warmup]))
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
+    assert min(lrs) >= peak * ratio * (1 - 1e-12)
+
+
+def test_no_weight_decay_on_norms_biases_embeddings_and_no_frozen_params():
+    model = tiny_vlm()
+    freezing.apply_policy(model, "llm", train_vision=False, uses_images=True)
+    decay, plain = optim.param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    undecayed = {names[id(p)] for p in plain["params"]}
+    assert "lm.embed_tokens.weight" in undecayed
+    assert any("attn_norm" in n for n in undecayed) and any(n.endswith(".bias") for n in undecayed)
+    assert all(n.endswith("weight") and "norm" not in n and "embed" not in n for n in decayed)
+    assert "lm.layers.0.attn.q_proj.weight" in decayed
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | undecayed == trainable and not any(n.startswith("vision.") for n in trainable)
+
+
+@pytest.mark.parametrize("policy", freezing.POLICIES)
+def test_frozen_weights_do_not_move(policy):
+    model = tiny_vlm()
+    freezing.apply_policy(model, policy, train_vision=False, uses_images=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = optim.build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    for seed in range(2):
+        train_step(model, [batch([12, 9], seed)], opt, Precision.choose("fp32", torch.device("cpu")), 1.0,
+                   torch.device("cpu"))
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert moved == trainable  # every trainable weight moves, nothing else does
+    expect = {"projector": ("projector.",), "projector+ends": ("projector.", "lm.layers.0.", "lm.layers.2."),
+              "llm": ("projector.", "lm."), "all": ("projector.", "lm.", "vision.")}[policy]
+    assert trainable == {n for n in before if n.startswith(expect) and "post_layernorm" not in n}
+
+
+def test_lm_stage_freezes_the_parts_text_cannot_reach():
+    model = tiny_vlm()
+    freezing.apply_policy(model, "all", train_vision=True, uses_images=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("lm.") for n in trainable) and model.vision.frozen
+
+
+def test_accumulation_equals_one_large_batch():
+    micro = [batch([12, 7], 1), batch([9, 15], 2), batch([5, 10], 3)]
+    models, results = [tiny_vlm(), tiny_vlm()], []
+    for model, batches in zip(models, [micro, [concat(micro)]]):
+        freezing.apply_policy(model, "llm", train_vision=False, uses_images=True)
+        # Plain SGD: the update is the gradient itself (Adam's first step is about its sign only).
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        ce_sum, norm = train_step(model, batches, opt, Precision.choose("fp32", torch.device("cpu")), 0.5,
+                                  torch.device("cpu"))
+        results.append((ce_sum, norm))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(models[0].lm.layers[0].attn.q_proj.weight, tiny_vlm().lm.layers[0].attn.q_proj.weight)
+
+
+def test_global_order_is_sliced_the_same_for_any_world_size():
+    order = epoch_order(40, seed=7, epoch=2)
+    assert sorted(order.tolist()) == list(range(40))
+    assert (order == epoch_order(40, seed=7, epoch=2)).all() and not (order == epoch_order(40, 7, 3)).all()
+    one = Slicing(batch_size=4, world_size=1, accumulation_steps=2)
+    two = Slicing(batch_size=2, world_size=2, accumulation_steps=2)
+    for position in (0, 8, 16):
+        per_rank = [two.micro_batches(order, position, r) for r in range(2)]
+        for j, big in enumerate(one.micro_batches(order, position, 0)):
+            assert big == per_rank[0][j] + per_rank[1][j]
+    assert one.steps_left(40, 32) == 1 and one.steps_left(40, 33) == 0
+
+
+def test_tiny_model_overfits_one_batch():
+    model = tiny_vlm()
+    freezing.apply_policy(model, "llm", train_vision=False, uses_images=True)
+    opt = optim.build_optimizer(model, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8)
+    b = batch([16, 12], 5)
+    n = int((b["labels"][:, 1:] != -100).sum())
+    losses = [float(train_step(model, [b], opt, Precision.choose("fp32", torch.device("cpu")), 1.0,
+                               torch.device("cpu"))[0]) / n for _ in range(60)]
+    assert losses[0] > 3.0 and losses[-1] < 0.05
+
+
+def test_dropout_rng_is_the_only_randomness_and_is_restorable():
+    # The resume guarantee rests on this: same RNG state + same batch -> bit-identical step.
+    from minimind_v.train.checkpoint import rng_state, set_rng_state
+
+    model = tiny_vlm(dropout=0.3)
+    freezing.apply_policy(model, "llm", train_vision=False, uses_images=True)
+    opt = optim.build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    twin = copy.deepcopy(model)
+    twin_opt = optim.build_optimizer(twin, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    state = rng_state()
+    cpu = torch.device("cpu")
+    train_step(model, [batch([12, 9], 0)], opt, Precision.choose("fp32", cpu), 1.0, cpu)
+    set_rng_state(state)
+    train_step(twin, [batch([12, 9], 0)], twin_opt, Precision.choose("fp32", cpu), 1.0, cpu)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
