@@ -1,0 +1,72 @@
+"""VisionTower: the features the original uses, for CLIP, SigLIP and SigLIP2; frozen means frozen."""
+
+import pytest
+import torch
+from transformers import (CLIPVisionConfig, CLIPVisionModel, Siglip2VisionConfig, Siglip2VisionModel,
+                          SiglipVisionConfig, SiglipVisionModel)
+
+from minimind_v.errors import UserError
+from minimind_v.model.config import VisionConfig
+from minimind_v.model.vision import VisionTower
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+
+
+def saved(tmp_path, model_cls, config):
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def test_clip_features_are_last_hidden_state_without_cls(tmp_path):
+    hf = saved(tmp_path, CLIPVisionModel, CLIPVisionConfig(**SMALL, image_size=32, patch_size=8))
+    tower = VisionTower(VisionConfig(name_or_path=str(tmp_path), hidden_size=32, image_size=32, num_patches=16))
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = hf(pixel_values=pixels).last_hidden_state[:, 1:]
+    assert tower.family == "clip"
+    assert torch.equal(tower(pixels), expected) and expected.shape == (3, 16, 32)
+
+
+def test_siglip_features_are_last_hidden_state(tmp_path):
+    hf = saved(tmp_path, SiglipVisionModel, SiglipVisionConfig(**SMALL, image_size=32, patch_size=8))
+    tower = VisionTower(VisionConfig(name_or_path=str(tmp_path), hidden_size=32, image_size=32, num_patches=16))
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(tower(pixels), hf(pixel_values=pixels).last_hidden_state)
+
+
+def test_siglip2_patches_like_its_image_processor(tmp_path):
+    from transformers.models.siglip2.image_processing_pil_siglip2 import convert_image_to_patches
+
+    hf = saved(tmp_path, Siglip2VisionModel, Siglip2VisionConfig(**SMALL, patch_size=8, num_patches=16))
+    tower = VisionTower(VisionConfig(name_or_path=str(tmp_path), hidden_size=32, image_size=32, num_patches=16))
+    pixels = torch.randn(2, 3, 32, 32)
+    patches = torch.stack([torch.from_numpy(convert_image_to_patches(img.numpy(), 8)) for img in pixels])
+    with torch.no_grad():
+        expected = hf(pixel_values=patches, pixel_attention_mask=torch.ones(2, 16, dtype=torch.long),
+                      spatial_shapes=torch.tensor([[4, 4], [4, 4]])).last_hidden_state
+    assert torch.allclose(tower(pixels), expected, atol=1e-6)
+
+
+def test_frozen_tower_stays_frozen_and_in_eval_mode(tmp_path):
+    saved(tmp_path, CLIPVisionModel, CLIPVisionConfig(**SMALL, image_size=32, patch_size=8))
+    tower = VisionTower(VisionConfig(name_or_path=str(tmp_path), freeze=True))
+    torch.nn.Sequential(tower).train()  # the VLM around it going into training
+    assert not tower.training and not tower.model.training
+    assert not any(p.requires_grad for p in tower.parameters())
+    assert not tower(torch.randn(1, 3, 32, 32)).requires_grad
+
+
+def test_trainable_tower_built_from_init_trains():
+    init = {"model_type": "clip_vision_model", **SMALL, "image_size": 32, "patch_size": 8}
+    tower = VisionTower(VisionConfig(init=init, hidden_size=32, image_size=32, num_patches=16, freeze=False)).train()
+    assert isinstance(tower.model, CLIPVisionModel) and tower.model.config.hidden_size == 32
+    assert tower.training and tower(torch.randn(1, 3, 32, 32)).requires_grad
+
+
+def test_unreachable_hub_id_is_a_one_line_user_error():
+    with pytest.raises(UserError, match="minimind-v download") as err:
+        VisionTower(VisionConfig(name_or_path="nobody/no-such-vision-tower"))
+    assert "\n" not in str(err.value)
