@@ -10,3 +10,50 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A throwaway byte-level BPE tokenizer (minimind-v's own: ids 0-3 special, ChatML), trained in-process."""
+    from minimind_v.data.tokenizer import save_tokenizer, train_tokenizer
+
+    words = "the a red blue green square circle triangle is on left right of what color shape size 你好 图片".split()
+    texts = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(10)) for i in range(200)]
+    out = tmp_path_factory.mktemp("tokenizer")
+    save_tokenizer(train_tokenizer(iter(texts), 400), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir):
+    """A complete model directory (config, weights, tokenizer, vision/) of a shrunken tiny preset, random weights.
+
+    The LLM's matrices are drawn wide (std 0.2) so greedy answers vary token to token: a bug in caching,
+    padding or export then changes the tokens instead of hiding behind one repeated token.
+    """
+    import dataclasses
+
+    from minimind_v.data.tokenizer import load_tokenizer
+    from minimind_v.model.vlm import MiniMindVLM
+    from minimind_v.presets import get_preset
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    cfg = get_preset("tiny")
+    cfg = dataclasses.replace(
+        cfg, lm=dataclasses.replace(cfg.lm, vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2),
+        vision=dataclasses.replace(cfg.vision, init=dict(cfg.vision.init, hidden_size=32, intermediate_size=64,
+                                                         num_hidden_layers=1, image_size=32),
+                                   hidden_size=32, image_size=32, num_patches=16),
+        image_token_len=16)
+    torch.manual_seed(0)
+    model = MiniMindVLM(cfg)
+    with torch.no_grad():
+        for p in [*model.lm.parameters(), *model.projector.parameters()]:
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    out = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(out, tokenizer=tokenizer)
+    return out

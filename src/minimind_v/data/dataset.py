@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minimind_v.data.formats import BadSample, RawSample, Reader
+from minimind_v.data.formats import BadSample, ImageRef, RawSample, Reader
 from minimind_v.data.images import DEFAULT_MAX_PIXELS, ImagePreprocessor, load_image, resolve_image_path
 from minimind_v.data.template import EncodedSample, ImageTokens, encode_conversation, encode_text
 from minimind_v.errors import UserError
@@ -33,8 +33,8 @@ class Sample:
     """(T,) long, -100 where no loss."""
     pixel_values: torch.Tensor | None
     """(n_images, 3, H, W) in placeholder order, or None (no images, or decoding left to a feature cache)."""
-    image_keys: list[str]
-    """A stable name per image (file path, or "file:row N#k" for embedded bytes), for a feature cache."""
+    images: list[ImageRef]
+    """The images themselves (absolute file path, or the encoded bytes), e.g. to look up a feature cache."""
     source: str
 
 
@@ -115,9 +115,7 @@ class VLMDataset(torch.utils.data.Dataset):
                 raw = self.reader[i]
                 encoded = self._encode(raw)
                 if self.settings.scan_images:
-                    for ref in raw.images[:encoded.n_images]:
-                        if isinstance(ref, str):
-                            resolve_image_path(self.reader.images_dir or Path("."), ref)
+                    self._resolve(raw.images[:encoded.n_images])
             except BadSample as err:
                 err.source = err.source or self.reader.source(i)
                 bad.append(err)
@@ -143,17 +141,29 @@ class VLMDataset(torch.utils.data.Dataset):
         try:
             raw = self.reader[row]
             encoded = self._encode(raw)
-            refs = raw.images[:encoded.n_images]
+            refs = self._resolve(raw.images[:encoded.n_images])
             pixels = self._pixels(refs) if self.settings.decode_images and refs else None
         except BadSample as err:
             err.source = err.source or self.reader.source(row)
             return err
-        keys = [ref if isinstance(ref, str) else f"{raw.source}#{k}" for k, ref in enumerate(refs)]
-        return Sample(torch.tensor(encoded.input_ids), torch.tensor(encoded.labels), pixels, keys, raw.source)
+        return Sample(torch.tensor(encoded.input_ids), torch.tensor(encoded.labels), pixels, refs, raw.source)
 
-    def _pixels(self, refs: list[Any]) -> torch.Tensor:
-        images = [load_image(ref, self.reader.images_dir, self.settings.max_pixels) for ref in refs]
+    def _resolve(self, refs: list[ImageRef]) -> list[ImageRef]:
+        root = self.reader.images_dir or Path(".")
+        return [str(resolve_image_path(root, ref)) if isinstance(ref, str) else ref for ref in refs]
+
+    def _pixels(self, refs: list[ImageRef]) -> torch.Tensor:
+        images = [load_image(ref, self.settings.max_pixels) for ref in refs]
         return torch.stack([self.preprocessor(image) for image in images])
+
+    def images(self, index: int) -> list[ImageRef]:
+        """The images sample `index` uses, resolved; [] when its record has turned bad (e.g. to fill a feature cache)."""
+        row = int(self.indices[index])
+        try:
+            raw = self.reader[row]
+            return self._resolve(raw.images[:self._encode(raw).n_images])
+        except BadSample:
+            return []
 
     def tracker(self, max_bad_fraction: float = 0.01) -> BadSampleTracker:
         """A tracker holding the up-front pass's findings; raises at once when the file is already too broken."""

@@ -205,8 +205,11 @@ class ParquetReader:
         import pyarrow.parquet as pq
 
         self.path, self.images_dir = path, images_dir
-        meta = pq.ParquetFile(path).metadata
-        names = set(meta.schema.names)
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as err:  # pyarrow raises ArrowInvalid / OSError for a file that is not parquet
+            raise UserError(f"{path}: not a readable parquet file ({err})") from None
+        meta, names = parquet.metadata, set(parquet.schema_arrow.names)  # top-level columns, not nested leaves
         if not names & {"conversations", "text"}:
             raise UserError(f"{path}: no 'conversations' (or 'text') column; columns: {', '.join(sorted(names))}")
         self._columns = [c for c in ("conversations", "text", "image_bytes", "image") if c in names]

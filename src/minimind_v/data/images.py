@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from minimind_v.data.formats import BadSample, ImageRef
+from minimind_v.data.formats import BadSample
 from minimind_v.errors import UserError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -107,6 +107,10 @@ class ImagePreprocessor:
         pixels = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        """Any PIL images (converted to RGB as in training) -> (N, 3, height, width), in the order given."""
+        return torch.stack([self(to_rgb(image)) for image in images])
+
     def _resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
         width, height = size
         short, long = min(width, height), max(width, height)
@@ -165,26 +169,37 @@ def resolve_image_path(images_dir: Path, name: str) -> Path:
     return path
 
 
-def load_image(ref: ImageRef, images_dir: Path | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open, check the size from the header, decode, convert to RGB; BadSample for anything unusable."""
-    if isinstance(ref, bytes):
-        source: Any = io.BytesIO(ref)
-        label = f"embedded image ({len(ref)} bytes)"
+def load_image(image: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open a file (a path already checked by `resolve_image_path` when it comes from data) or encoded bytes;
+    check the size from the header, decode, convert to RGB. BadSample for anything unusable."""
+    if isinstance(image, bytes):
+        source: Any = io.BytesIO(image)
+        label = f"embedded image ({len(image)} bytes)"
     else:
-        source = resolve_image_path(images_dir or Path("."), ref)
-        label = f"image {ref!r}"
+        source, label = image, f"image {str(image)!r}"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
-                if image.width * image.height > max_pixels:
-                    raise BadSample("image_too_large", f"{label}: {image.width}x{image.height} pixels "
+            with Image.open(source) as opened:
+                if opened.width * opened.height > max_pixels:
+                    raise BadSample("image_too_large", f"{label}: {opened.width}x{opened.height} pixels "
                                                        f"> max_pixels {max_pixels}")
-                image.load()
-                return to_rgb(image)
+                opened.load()
+                return to_rgb(opened)
     except BadSample:
         raise
+    except FileNotFoundError:
+        raise BadSample("missing_image", f"{label}: no such file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadSample("image_too_large", f"{label}: {err}") from None
     except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as err:
         raise BadSample("bad_image", f"{label}: cannot decode ({err})") from None
+
+
+def load_image_processor(model_dir: str | Path, config: Any) -> ImagePreprocessor:
+    """The preprocessing of a model directory's tower (its vision/ folder, or the referenced tower)."""
+    vision = config.vision
+    own = Path(model_dir) / "vision"
+    if vision.name_or_path == "vision" or (own / "preprocessor_config.json").is_file():
+        return ImagePreprocessor.from_pretrained(own)
+    return ImagePreprocessor.from_pretrained(vision.name_or_path)

@@ -137,8 +137,8 @@ def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], image: I
                         n_images: int = 0, max_seq_len: int | None = None) -> EncodedSample:
     """A training conversation -> ids and labels, truncated to max_seq_len by dropping whole trailing turns.
 
-    Raises BadSample for bad roles, marker mismatch, too long (the first answer with its images does not
-    fit) or nothing left to supervise.
+    Raises BadSample for bad roles, a marker mismatch, or too long (the first answer with its images does
+    not fit).
     """
     check_roles(messages)
     messages = with_image_markers(messages, n_images)
@@ -148,8 +148,7 @@ def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], image: I
         if not fitting:
             raise BadSample("too_long", f"first answer ends at token {turn_ends[0]} > max_seq_len {max_seq_len}")
         ids, labels = ids[:fitting[-1]], labels[:fitting[-1]]
-    if all(label == IGNORE_INDEX for label in labels):
-        raise BadSample("no_supervised_tokens", "no assistant token to learn from")
+    # At least one answer survives and its <|im_end|> is supervised, so the loss never divides by zero.
     return EncodedSample(ids, labels, bisect.bisect_left(image_starts, len(ids)))
 
 

@@ -1,0 +1,65 @@
+"""The tokenizer command: special ids, a template equal to the original's, loadable by transformers."""
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+from minimind_v import cli
+from minimind_v.data.tokenizer import corpus_texts, load_tokenizer
+from minimind_v.errors import UserError
+
+ORIGINAL = Path("/work/shared/reference/minimind2-v-tokenizer")
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>\nwhat?"},
+     {"role": "assistant", "content": "a red square"}, {"role": "user", "content": "and?"},
+     {"role": "assistant", "content": ""}],
+    [{"role": "user", "content": "多轮\n对话"}],
+]
+
+
+def test_special_tokens_and_loading(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"])
+    assert ids == [0, 1, 2, 3]
+    assert (tok.pad_token_id, tok.eos_token_id) == (0, 2)
+    assert "chat_template" in json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    text = "the red square 你好"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+@pytest.mark.skipif(not ORIGINAL.is_dir(), reason=f"original tokenizer not at {ORIGINAL}")
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("generation_prompt", [False, True])
+def test_template_renders_like_the_original(tokenizer_dir, messages, generation_prompt):
+    ours, original = load_tokenizer(tokenizer_dir), load_tokenizer(ORIGINAL)
+    kwargs = {"tokenize": False, "add_generation_prompt": generation_prompt}
+    assert ours.apply_chat_template(messages, **kwargs) == original.apply_chat_template(messages, **kwargs)
+
+
+def test_command_trains_from_jsonl_and_parquet(tmp_path):
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text(json.dumps({"conversations": [{"role": "user", "content": "<image>\nzebra zebra"},
+                                                   {"role": "assistant", "content": "zebra"}]}) + "\n{broken\n")
+    parquet = tmp_path / "b.parquet"
+    convs = json.dumps([{"role": "user", "content": "quokka"}, {"role": "assistant", "content": "quokka"}])
+    pq.write_table(pa.table({"conversations": [convs] * 3}), parquet)
+    texts = list(corpus_texts([str(jsonl), str(parquet)]))
+    assert texts[0] == "\nzebra zebra" and "quokka" in texts
+    out = tmp_path / "tok"
+    assert cli.main(["tokenizer", "--corpus", str(jsonl), str(parquet), "--vocab-size", "300", "--out", str(out)]) == 0
+    tok = load_tokenizer(out)
+    assert len(tok) <= 300 and tok.convert_tokens_to_ids("<|image_pad|>") == 3
+
+
+def test_errors_name_the_path(tmp_path):
+    with pytest.raises(UserError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(UserError, match="nothing.txt"):
+        list(corpus_texts([str(tmp_path / "nothing.txt")]))
+    assert cli.main(["tokenizer", "--corpus", str(tmp_path / "x.txt"), "--out", str(tmp_path / "o")]) == 2
