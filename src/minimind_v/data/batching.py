@@ -11,7 +11,8 @@
 
 A collated batch is a dict: input_ids, labels, attention_mask (padded) or segment_ids (packed),
 position_ids, pixel_values ((N_images, 3, H, W) in placeholder order, row by row, or None),
-image_keys, sources, and `bad`: the BadSamples dropped from this batch, for the BadSampleTracker.
+images (the path or bytes behind each placeholder run, same order), sources, num_samples, and
+`bad`: the BadSamples dropped from this batch, for the BadSampleTracker.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Collator:
         ordered = [s for row in rows for s in row]
         pixels = [s.pixel_values for s in ordered if s.pixel_values is not None]
         batch.update(pixel_values=torch.cat(pixels) if pixels else None,
-                     image_keys=[key for s in ordered for key in s.image_keys],
+                     images=[image for s in ordered for image in s.images],
                      sources=[s.source for s in ordered], bad=bad, num_samples=len(samples))
         return batch
 
