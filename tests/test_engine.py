@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from minimind_v import presets
+from minimind_v.data.images import ImagePreprocessor
 from minimind_v.errors import UserError
 from minimind_v.infer.engine import Engine, SamplingParams, _Sampler
 from minimind_v.model.llm import CausalLMOutput
@@ -53,8 +54,7 @@ def engine(tokenizer) -> Engine:
         for p in [*model.lm.parameters(), *model.projector.parameters()]:
             if p.dim() == 2:
                 p.normal_(0.0, 0.2)
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return Engine(model, tokenizer, processor, device="cpu")
+    return Engine(model, tokenizer, ImagePreprocessor.for_image_size(32), device="cpu")
 
 
 def image(seed: int) -> Image.Image:

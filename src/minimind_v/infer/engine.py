@@ -99,20 +99,25 @@ class Engine:
         from minimind_v.data.tokenizer import load_tokenizer
         from minimind_v.model.vlm import MiniMindVLM
 
-        model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise UserError(f"{model_dir}: not a model directory (no config.json)")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = MiniMindVLM.from_pretrained(model_dir)
-        return cls(model, load_tokenizer(model_dir), load_image_processor(model_dir, model.config), device)
+        model = MiniMindVLM.from_pretrained(model_dir)  # UserError naming the directory when it is not one
+        return cls(model, load_tokenizer(model_dir), load_image_processor(model_dir, model.cfg), device)
 
     def chat(self, messages: list[dict], images: list[Image.Image], params: SamplingParams,
              on_text: Callable[[str], None] | None = None) -> Completion:
-        """Answer the last user turn of `messages`; each `<image>` in their content takes the next image."""
+        """Answer the last user turn of `messages`; each `<image>` in their content takes the next image.
+
+        With no `<image>` marker at all, one per image is put before the first user turn (as in training).
+        """
+        from minimind_v.data.formats import BadSample
         from minimind_v.data.template import build_prompt
 
-        prompt = build_prompt(self.tokenizer, messages, self.config.image_token_id, self.config.image_token_len)
+        try:
+            prompt = build_prompt(self.tokenizer, messages, self.config.image_token_id, self.config.image_token_len,
+                                  n_images=len(images))
+        except BadSample as err:  # wrong role order, or <image> markers that do not match the images
+            raise UserError(err.detail) from None
         callback = (lambda _row, delta: on_text(delta)) if on_text is not None else None
         return self.generate([prompt], [images], params, callback)[0]
 
@@ -151,10 +156,8 @@ class Engine:
         return [row.completion() for row in rows]
 
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
-        """PIL images -> (N, 3, H, W) pixel values on the engine's device (RGB: alpha dropped)."""
-        rgb = [img.convert("RGB") for img in images]
-        pixels = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
-        return pixels.to(self.device, self._float_dtype())
+        """PIL images -> (N, 3, H, W) pixel values on the engine's device, preprocessed as in training."""
+        return self.image_processor.pixel_values(images).to(self.device, self._float_dtype())
 
     def _float_dtype(self) -> torch.dtype:
         return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
