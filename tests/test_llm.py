@@ -2,6 +2,7 @@
 
 import math
 
+import minimind_reference as reference
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,73 +27,26 @@ def make_model(seed: int = 0, **overrides) -> MiniMindLM:
     return model
 
 
-# ---------------------------------------------------------------- reference, written from the spec
-
-
-def ref_rmsnorm(x, w, eps=1e-5):
-    xf = x.float()
-    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
-
-
-def ref_swiglu(x, sd, p):
-    return F.silu(x @ sd[p + "gate_proj.weight"].T) * (x @ sd[p + "up_proj.weight"].T) @ sd[p + "down_proj.weight"].T
-
-
-def ref_moe(x, sd, p, cfg):
-    """Token by token: softmax router, top-2 renormalised, weighted experts + shared expert."""
-    out = torch.zeros_like(x)
-    for b in range(x.shape[0]):
-        for t in range(x.shape[1]):
-            xt = x[b, t]
-            scores = torch.softmax(xt @ sd[p + "router.weight"].T, -1)
-            order = sorted(range(cfg.n_routed_experts), key=lambda e: -scores[e].item())[:2]
-            total = sum(scores[e] for e in order)
-            for e in order:
-                out[b, t] += scores[e] / total * ref_swiglu(xt, sd, f"{p}experts.{e}.")
-            out[b, t] += ref_swiglu(xt, sd, p + "shared_experts.0.")
-    return out
-
-
-def ref_logits(model: MiniMindLM, ids: torch.Tensor) -> torch.Tensor:
-    cfg, sd = model.cfg, model.state_dict()
-    B, T = ids.shape
-    H, KV, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    f = torch.tensor([1.0 / cfg.rope_theta ** (2 * j / d) for j in range(d // 2)])
-    ang = torch.arange(T).float()[:, None] * f[None]
-    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
-
-    def rope(x):  # (B, T, heads, d)
-        rot = torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1)
-        return x * cos[None, :, None] + rot * sin[None, :, None]
-
-    x = sd["embed_tokens.weight"][ids]
-    for i in range(cfg.num_hidden_layers):
-        p = f"layers.{i}."
-        h = ref_rmsnorm(x, sd[p + "attn_norm.weight"])
-        q = (h @ sd[p + "attn.q_proj.weight"].T).view(B, T, H, d)
-        k = (h @ sd[p + "attn.k_proj.weight"].T).view(B, T, KV, d)
-        v = (h @ sd[p + "attn.v_proj.weight"].T).view(B, T, KV, d)
-        if cfg.qk_norm:
-            q, k = ref_rmsnorm(q, sd[p + "attn.q_norm.weight"]), ref_rmsnorm(k, sd[p + "attn.k_norm.weight"])
-        q, k = rope(q), rope(k)
-        out = torch.zeros(B, T, H, d)
-        for head in range(H):
-            kv = head // (H // KV)
-            scores = torch.einsum("bqd,bkd->bqk", q[:, :, head], k[:, :, kv]) / math.sqrt(d)
-            scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
-            out[:, :, head] = torch.einsum("bqk,bkd->bqd", scores.softmax(-1), v[:, :, kv])
-        x = x + out.reshape(B, T, H * d) @ sd[p + "attn.o_proj.weight"].T
-        h = ref_rmsnorm(x, sd[p + "mlp_norm.weight"])
-        x = x + (ref_moe(h, sd, p + "mlp.", cfg) if cfg.use_moe else ref_swiglu(h, sd, p + "mlp."))
-    return ref_rmsnorm(x, sd["norm.weight"]) @ sd["embed_tokens.weight"].T
+def original_names(model: MiniMindLM) -> dict[str, torch.Tensor]:
+    """Our weights under the original's (= Hugging Face Llama's) names, renamed here by hand."""
+    renames = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "attn": "self_attn",
+               "router": "gate"}
+    state = {}
+    for key, value in model.state_dict().items():
+        parts = [renames.get(part, part) for part in key.split(".")]
+        state[("" if key == "lm_head.weight" else "model.") + ".".join(parts)] = value
+    return state
 
 
 @pytest.mark.parametrize("overrides", [{}, {"use_moe": True}, {"qk_norm": True}], ids=["dense", "moe", "qk_norm"])
 def test_matches_reference(overrides):
     model = make_model(**overrides)
     ids = torch.randint(0, 97, (2, 11))
+    cfg = model.cfg
+    expected = reference.logits(original_names(model), cfg.num_hidden_layers, cfg.num_attention_heads,
+                                cfg.num_key_value_heads, ids, use_moe=cfg.use_moe, qk_norm=cfg.qk_norm)
     with torch.no_grad():
-        assert torch.allclose(model(ids).logits, ref_logits(model, ids), atol=1e-5)
+        assert torch.allclose(model(ids).logits, expected, atol=1e-5)
 
 
 def test_tied_embedding_is_one_parameter():
@@ -111,12 +65,7 @@ def test_matches_hugging_face_llama():
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
         max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=True)).eval()
-    names = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "attn": "self_attn"}
-    state = {}
-    for key, value in model.state_dict().items():
-        parts = [names.get(part, part) for part in key.split(".")]
-        state[("" if key == "lm_head.weight" else "model.") + ".".join(parts)] = value
-    hf.load_state_dict(state, strict=True)
+    hf.load_state_dict(original_names(model), strict=True)
     ids = torch.randint(0, 97, (2, 13))
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, hf(ids).logits, atol=1e-5)

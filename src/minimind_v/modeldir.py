@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from minimind_v.data.tokenizer import save_tokenizer
 from minimind_v.errors import UserError
 from minimind_v.model.config import VisionConfig, VLMConfig
 from minimind_v.model.vision import VisionTower, quiet_transformers
@@ -50,7 +51,7 @@ def save_model(model: MiniMindVLM, directory: str | Path, tokenizer: Any = None)
     config = {"format_version": FORMAT_VERSION, **cfg.to_dict()}
     _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
+        save_tokenizer(tokenizer, directory)  # the chat template kept inside tokenizer_config.json
 
 
 def tower_lives_inside(vision: VisionConfig) -> bool:

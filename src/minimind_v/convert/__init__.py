@@ -1,0 +1,1 @@
+"""Converters between model directories and other formats: the original .pth, transformers."""

@@ -1,0 +1,149 @@
+"""`minimind-v convert import-upstream`: an original MiniMind-V .pth -> a model directory.
+
+The original files are plain fp16 state dicts (docs: UPSTREAM_FORMAT.md). Every weight name of
+ours has exactly one upstream name (`upstream_name`), so checking a file is set arithmetic on
+upstream names: unknown keys, missing keys and wrong shapes are all reported before anything is
+written. The tied embedding is stored twice upstream; both copies must be present and equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minimind_v.data.tokenizer import load_tokenizer
+from minimind_v.errors import UserError
+from minimind_v.model.config import VLMConfig
+from minimind_v.model.vision import VisionTower
+from minimind_v.model.vlm import MiniMindVLM
+from minimind_v.modeldir import load_weights_strict, weights_to_save
+from minimind_v.presets import get_preset
+
+IMAGE_TOKEN = "@"
+UPSTREAM_HEAD, UPSTREAM_EMBED = "lm_head.weight", "model.embed_tokens.weight"
+PROJECTOR_PREFIX = "vision_proj."
+TOWER_PREFIX = "vision_encoder."
+
+# ours -> upstream, first match wins
+_RENAMES = [
+    (r"^lm\.layers\.(\d+)\.attn\.", r"model.layers.\1.self_attn."),
+    (r"^lm\.layers\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^lm\.layers\.(\d+)\.mlp_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^lm\.layers\.(\d+)\.mlp\.router\.", r"model.layers.\1.mlp.gate."),
+    (r"^lm\.", "model."),
+    (r"^projector\.net\.", "vision_proj.vision_proj."),
+]
+
+
+@dataclass
+class ImportUpstreamOptions:
+    pth: str
+    """The original .pth (llm_*.pth, pretrain_vlm_*.pth, sft_vlm_*.pth, their _moe variants)."""
+    preset: str
+    """Architecture of the file: minimind2-small-v, minimind2-v or minimind2-small-v-moe."""
+    vision: str
+    """The CLIP ViT-B/16 vision tower: a local directory or a hub id (referenced, not copied)."""
+    tokenizer: str
+    """Directory of the original tokenizer (tokenizer.json, tokenizer_config.json); copied into the output."""
+    out: str
+    """Model directory to write."""
+
+
+def upstream_name(key: str) -> str:
+    for pattern, replacement in _RENAMES:
+        if re.match(pattern, key):
+            return re.sub(pattern, replacement, key, count=1)
+    raise ValueError(f"no upstream name for {key!r}")
+
+
+def read_pth(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict, unpickled without code execution; any unreadable file is the user's to fix."""
+    if not path.is_file():
+        raise UserError(f"--pth {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, foreign pickle, not torch at all: all one answer for the user
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"--pth {path}: not a readable PyTorch state dict ({reason[:200]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--pth {path}: expected a dict of tensors (a plain state_dict)")
+    return state
+
+
+def map_state(upstream: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+              path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Upstream tensors -> our names, as float32. Returns the mapped weights and notes for the user."""
+    notes = []
+    tower_keys = [k for k in upstream if k.startswith(TOWER_PREFIX)]
+    if tower_keys:
+        notes.append(f"ignored {len(tower_keys)} {TOWER_PREFIX}* keys: the tower comes from --vision")
+    names = {upstream_name(k): k for k in expected}
+    has_projector = any(k.startswith(PROJECTOR_PREFIX) for k in upstream)
+    if not has_projector:
+        names = {up: k for up, k in names.items() if not up.startswith(PROJECTOR_PREFIX)}
+        notes.append("no vision_proj.* keys (an llm_*.pth): the projector is freshly initialised")
+    present = set(upstream) - set(tower_keys)
+    unknown = sorted(present - set(names) - {UPSTREAM_HEAD})
+    missing = sorted((set(names) | {UPSTREAM_HEAD}) - present)
+    if unknown or missing:
+        raise UserError(f"--pth {path}: keys do not match the preset; unknown: {_short(unknown)}; "
+                        f"missing: {_short(missing)}")
+    wrong = [f"{up} {tuple(upstream[up].shape)} vs {tuple(expected[k].shape)}"
+             for up, k in names.items() if upstream[up].shape != expected[k].shape]
+    if wrong:
+        raise UserError(f"--pth {path}: shapes do not match the preset (file vs preset): {_short(wrong)}")
+    if not torch.equal(upstream[UPSTREAM_HEAD], upstream[UPSTREAM_EMBED]):
+        raise UserError(f"--pth {path}: {UPSTREAM_HEAD} differs from {UPSTREAM_EMBED}; the original ties them, "
+                        "so this file is not an original MiniMind-V checkpoint")
+    return {k: upstream[up].float() for up, k in names.items()}, notes
+
+
+def _short(items: list[str], limit: int = 6) -> str:
+    if not items:
+        return "none"
+    return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def image_token_id(tokenizer, where: str) -> int:
+    ids = tokenizer.encode(IMAGE_TOKEN, add_special_tokens=False)
+    if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+        raise UserError(f"--tokenizer {where}: {IMAGE_TOKEN!r} is not a single token, so it cannot be the "
+                        "image placeholder")
+    return ids[0]
+
+
+def upstream_config(preset: str, vision: str, token_id: int) -> VLMConfig:
+    cfg = get_preset(preset)
+    tower = dataclasses.replace(cfg.vision, name_or_path=vision, init=None, freeze=True)
+    return dataclasses.replace(cfg, vision=tower, projector="linear", image_token=IMAGE_TOKEN,
+                               image_token_id=token_id, image_token_len=tower.num_patches)
+
+
+def check_tower(tower: VisionTower, cfg: VLMConfig, where: str) -> None:
+    hf = tower.model.config
+    patches = (hf.image_size // hf.patch_size) ** 2 if hasattr(hf, "image_size") else hf.num_patches
+    if hf.hidden_size != cfg.vision.hidden_size or patches != cfg.vision.num_patches:
+        raise UserError(f"--vision {where}: {hf.hidden_size}-wide features x {patches} patches, the preset needs "
+                        f"{cfg.vision.hidden_size} x {cfg.vision.num_patches}")
+
+
+def main(opts: ImportUpstreamOptions) -> int:
+    tokenizer = load_tokenizer(opts.tokenizer)
+    cfg = upstream_config(opts.preset, opts.vision, image_token_id(tokenizer, opts.tokenizer))
+    upstream = read_pth(Path(opts.pth))
+    tower = VisionTower(cfg.vision)
+    check_tower(tower, cfg, opts.vision)
+    model = MiniMindVLM(cfg, vision=tower)
+    weights, notes = map_state(upstream, weights_to_save(model), Path(opts.pth))
+    state = {**weights_to_save(model), **weights}  # a fresh projector where the file has none
+    load_weights_strict(model, state, opts.pth)
+    model.save_pretrained(opts.out, tokenizer=tokenizer)
+    for note in notes:
+        print(f"note: {note}")
+    n_params = sum(v.numel() for v in weights.values())
+    print(f"imported {len(weights)} tensors ({n_params / 1e6:.1f}M parameters) from {opts.pth} -> {opts.out}")
+    return 0
