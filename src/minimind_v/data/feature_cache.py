@@ -20,11 +20,12 @@ features per distinct image:
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import io
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from minimind_v.data.formats import BadSample
+from minimind_v.data.images import load_image
 
 ImageRef = str | os.PathLike | bytes
 """An image as the data layer names it: a file path, or the encoded bytes themselves (parquet)."""
@@ -149,20 +153,25 @@ class FeatureCache:
     # ---- writing -------------------------------------------------------------------------
 
     def build(self, images: Iterable[ImageRef], preprocess: Callable[[Image.Image], torch.Tensor],
-              encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 32,
-              shard_rows: int = 4096, log: Callable[[str], None] = print) -> BuildReport:
+              encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 32, shard_rows: int = 4096,
+              load: Callable[[ImageRef], Image.Image] = load_image, workers: int = min(8, os.cpu_count() or 1),
+              log: Callable[[str], None] = print) -> BuildReport:
         """Encode every image not yet cached, `batch_size` at a time; broken ones are recorded, not raised.
 
-        `preprocess` turns an RGB PIL image into (3, H, W) pixels; `encode` turns (N, 3, H, W) pixels
-        into (N, n_patches, dim) features (the frozen tower, on whatever device the caller chose).
+        `load` opens one image as RGB (the data layer's checks by default); `preprocess` turns it into
+        (3, H, W) pixels; `encode` turns (N, 3, H, W) pixels into (N, n_patches, dim) features (the
+        frozen tower, on whatever device the caller chose). `workers` threads decode the next batch
+        while the current one is encoded: JPEG decoding, not the tower, is the bottleneck on a GPU.
         """
         report = BuildReport()
         todo = self._plan(images, report)
         report.planned_bytes = disk_bytes(len(todo), self.n_patches, self.dim)
         log(f"feature cache {self.dir}: {len(todo)} new images x {self.n_patches} x {self.dim} x 2 bytes = "
             f"{format_bytes(report.planned_bytes)} ({report.reused} already cached)")
-        for start in range(0, len(todo), shard_rows):
-            self._build_shard(todo[start:start + shard_rows], preprocess, encode, batch_size, report)
+        decode = functools.partial(_decode, load=load, preprocess=preprocess)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for start in range(0, len(todo), shard_rows):
+                self._build_shard(todo[start:start + shard_rows], decode, encode, batch_size, pool, report)
         self._save_index()
         if report.broken:
             log(f"feature cache: {len(report.broken)} broken image(s), e.g. {next(iter(report.broken.items()))}")
@@ -185,25 +194,29 @@ class FeatureCache:
                 todo.setdefault(key, image)
         return list(todo.items())
 
-    def _build_shard(self, items: list[tuple[str, ImageRef]], preprocess: Callable[[Image.Image], torch.Tensor],
-                     encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int, report: BuildReport) -> None:
+    def _build_shard(self, items: list[tuple[str, ImageRef]], decode: Callable[[ImageRef], torch.Tensor | str],
+                     encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int, pool: ThreadPoolExecutor,
+                     report: BuildReport) -> None:
         shard = len(self._shard_rows)
         out = np.memmap(self._shard_path(shard), dtype=DTYPE, mode="w+",
                         shape=(len(items), self.n_patches, self.dim))
+        chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+        pending = [pool.submit(decode, image) for _, image in chunks[0]]
         placed: dict[str, list[int]] = {}
-        row = 0
-        for start in range(0, len(items), batch_size):
-            pixels, keys = self._decode_batch(items[start:start + batch_size], preprocess, report)
+        for index, chunk in enumerate(chunks):
+            decoded = [future.result() for future in pending]
+            if index + 1 < len(chunks):  # decode the next batch while this one is encoded
+                pending = [pool.submit(decode, image) for _, image in chunks[index + 1]]
+            pixels, keys = self._keep_good(chunk, decoded, report)
             if not keys:
                 continue
             with torch.no_grad():
                 feats = encode(torch.stack(pixels))
             if feats.shape[1:] != (self.n_patches, self.dim):
                 raise ValueError(f"encoder returned {tuple(feats.shape)}, cache expects (N, {self.n_patches}, {self.dim})")
+            row = len(placed)
             out[row:row + len(keys)] = feats.detach().to("cpu", torch.float16).numpy()
-            for key in keys:
-                placed[key] = [shard, row]
-                row += 1
+            placed.update((key, [shard, row + i]) for i, key in enumerate(keys))
         out.flush()
         del out
         self._shard_rows.append(len(items))
@@ -211,17 +224,16 @@ class FeatureCache:
         report.encoded += len(placed)
         self._save_index()
 
-    def _decode_batch(self, items: list[tuple[str, ImageRef]], preprocess: Callable[[Image.Image], torch.Tensor],
-                      report: BuildReport) -> tuple[list[torch.Tensor], list[str]]:
+    def _keep_good(self, chunk: list[tuple[str, ImageRef]], decoded: list[torch.Tensor | str],
+                   report: BuildReport) -> tuple[list[torch.Tensor], list[str]]:
         pixels, keys = [], []
-        for key, image in items:
-            try:
-                pixels.append(preprocess(_open_rgb(image)))
+        for (key, image), result in zip(chunk, decoded):
+            if isinstance(result, str):
+                self._broken[key] = result
+                report.broken[_describe(image)] = result
+            else:
+                pixels.append(result)
                 keys.append(key)
-            except Exception as err:  # any decoder failure means one broken sample, not a crashed run
-                reason = f"broken image: {type(err).__name__}: {err}".splitlines()[0]
-                self._broken[key] = reason
-                report.broken[_describe(image)] = reason
         return pixels, keys
 
     # ---- files ---------------------------------------------------------------------------
@@ -255,11 +267,14 @@ class FeatureCache:
         _atomic_write(self.dir / "index.json", json.dumps(data, separators=(",", ":")))
 
 
-def _open_rgb(image: ImageRef) -> Image.Image:
-    source = io.BytesIO(image) if isinstance(image, bytes) else image
-    with Image.open(source) as img:
-        # RGB as the original: drop alpha, expand grey and palette images.
-        return img.convert("RGB")
+def _decode(image: ImageRef, load: Callable[[ImageRef], Image.Image],
+            preprocess: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor | str:
+    """Pixels of one image, or why there are none: any decoder failure is one broken image, not a crashed build."""
+    try:
+        return preprocess(load(image))
+    except Exception as err:
+        detail = str(err) if isinstance(err, BadSample) else f"{type(err).__name__}: {err}"
+        return f"broken image: {detail}".splitlines()[0]
 
 
 def _describe(image: ImageRef) -> str:
