@@ -74,8 +74,11 @@ def test_tokenizer_is_saved_beside_the_weights(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, "<unk>")))
+    tok.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
     inside_tower_model().save_pretrained(tmp_path, tokenizer=tok)
-    assert (tmp_path / "tokenizer.json").is_file() and (tmp_path / "tokenizer_config.json").is_file()
+    assert (tmp_path / "tokenizer.json").is_file()
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == tok.chat_template  # inside the config, as the original keeps it
 
 
 def rewrite_weights(directory, edit):

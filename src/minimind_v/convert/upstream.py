@@ -131,19 +131,30 @@ def check_tower(tower: VisionTower, cfg: VLMConfig, where: str) -> None:
                         f"{cfg.vision.hidden_size} x {cfg.vision.num_patches}")
 
 
+def load_upstream_weights(model: MiniMindVLM, path: str | Path) -> list[str]:
+    """Load an original .pth into `model`, strictly; a file without vision_proj keeps the fresh projector.
+
+    Returns notes for the user (ignored tower keys, fresh projector)."""
+    return apply_upstream_state(model, read_pth(Path(path)), Path(path))
+
+
+def apply_upstream_state(model: MiniMindVLM, upstream: dict[str, torch.Tensor], path: Path) -> list[str]:
+    current = weights_to_save(model)
+    weights, notes = map_state(upstream, current, path)
+    load_weights_strict(model, {**current, **weights}, path)
+    return notes
+
+
 def main(opts: ImportUpstreamOptions) -> int:
     tokenizer = load_tokenizer(opts.tokenizer)
     cfg = upstream_config(opts.preset, opts.vision, image_token_id(tokenizer, opts.tokenizer))
-    upstream = read_pth(Path(opts.pth))
+    upstream = read_pth(Path(opts.pth))  # a bad file fails before the tower is loaded
     tower = VisionTower(cfg.vision)
     check_tower(tower, cfg, opts.vision)
     model = MiniMindVLM(cfg, vision=tower)
-    weights, notes = map_state(upstream, weights_to_save(model), Path(opts.pth))
-    state = {**weights_to_save(model), **weights}  # a fresh projector where the file has none
-    load_weights_strict(model, state, opts.pth)
+    notes = apply_upstream_state(model, upstream, Path(opts.pth))
     model.save_pretrained(opts.out, tokenizer=tokenizer)
     for note in notes:
         print(f"note: {note}")
-    n_params = sum(v.numel() for v in weights.values())
-    print(f"imported {len(weights)} tensors ({n_params / 1e6:.1f}M parameters) from {opts.pth} -> {opts.out}")
+    print(f"imported {opts.pth} ({opts.preset}) -> {opts.out}")
     return 0
