@@ -154,7 +154,7 @@ class VLMDataset(torch.utils.data.Dataset):
 
     def _pixels(self, refs: list[ImageRef]) -> torch.Tensor:
         images = [load_image(ref, self.settings.max_pixels) for ref in refs]
-        return torch.stack([self.preprocessor(image) for image in images])
+        return torch.from_numpy(np.stack([self.preprocessor.array(image) for image in images]))
 
     def images(self, index: int) -> list[ImageRef]:
         """The images sample `index` uses, resolved; [] when its record has turned bad (e.g. to fill a feature cache)."""

@@ -98,6 +98,10 @@ class ImagePreprocessor:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """An RGB PIL image -> (3, height, width) float32, normalised."""
+        return torch.from_numpy(self.array(image))
+
+    def array(self, image: Image.Image) -> np.ndarray:
+        """As __call__, in numpy: data-loader work stays off torch's thread pool, which a busy CPU makes slow."""
         if self.shortest_edge is not None:
             image = image.resize(self._resized_size(image.size), resample=self.resample)
             image = _center_crop(image, self.height, self.width)
@@ -105,11 +109,11 @@ class ImagePreprocessor:
             image = image.resize((self.width, self.height), resample=self.resample)
         pixels = np.asarray(image, dtype=np.float32) * np.float32(self.rescale_factor)  # (H, W, 3)
         pixels = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
         """Any PIL images (converted to RGB as in training) -> (N, 3, height, width), in the order given."""
-        return torch.stack([self(to_rgb(image)) for image in images])
+        return torch.from_numpy(np.stack([self.array(to_rgb(image)) for image in images]))
 
     def _resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
         width, height = size
