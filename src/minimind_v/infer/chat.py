@@ -1,0 +1,144 @@
+"""`minimind-v chat`: talk to a model about images, one question or a multi-turn session in the terminal."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from minimind_v.errors import UserError
+from minimind_v.infer.engine import Completion, Engine, SamplingParams
+
+HELP = "commands: /image PATH (attach an image to your next message), /reset (forget everything), /exit or Ctrl-D"
+
+
+@dataclass
+class ChatOptions:
+    model: str
+    """Model directory."""
+    image: list[str] = field(default_factory=list)
+    """Image to ask about (repeat for several); in the interactive mode it goes with the first message."""
+    prompt: str | None = None
+    """Ask this one question, print the answer and exit; without it, an interactive session starts."""
+    greedy: bool = False
+    """Always pick the most likely token (same answer every time); overrides --temperature."""
+    temperature: float = 0.7
+    """Sampling temperature; 0 is greedy."""
+    top_p: float = 0.85
+    """Nucleus sampling: draw only from the most likely tokens whose probabilities sum to this."""
+    max_new_tokens: int = 256
+    """Longest answer, in tokens."""
+    json: bool = False
+    """One-shot mode: print one JSON object (text, finish_reason, token counts) instead of streaming."""
+
+
+def main(opts: ChatOptions) -> int:
+    params = SamplingParams(max_new_tokens=opts.max_new_tokens, temperature=0.0 if opts.greedy else opts.temperature,
+                            top_p=opts.top_p)
+    params.validate()
+    images = [open_image(p) for p in opts.image]
+    engine = Engine.load(opts.model)
+    if opts.prompt is not None:
+        return _one_shot(engine, opts.prompt, images, params, opts.json)
+    _Session(engine, params, images).run()
+    return 0
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """An RGB image from disk (converted as in training), or a one-line UserError naming the file."""
+    from minimind_v.data.formats import BadSample
+    from minimind_v.data.images import load_image
+
+    try:
+        return load_image(Path(path))
+    except BadSample as err:
+        raise UserError(err.detail) from None  # names the file
+
+
+def with_image_markers(text: str, n_images: int) -> str:
+    """Put one `<image>` line per attached image before the text, as the training data does."""
+    return "<image>\n" * n_images + text
+
+
+def _one_shot(engine: Engine, prompt: str, images: list[Image.Image], params: SamplingParams, as_json: bool) -> int:
+    messages = [{"role": "user", "content": with_image_markers(prompt, len(images))}]
+    if as_json:
+        done = engine.chat(messages, images, params)
+        print(json.dumps(_as_dict(done), ensure_ascii=False))
+    else:
+        engine.chat(messages, images, params, on_text=_print_delta)
+        print()
+    return 0
+
+
+def _as_dict(done: Completion) -> dict:
+    return {"text": done.text, "finish_reason": done.finish_reason,
+            "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens}
+
+
+def _print_delta(delta: str) -> None:
+    sys.stdout.write(delta)
+    sys.stdout.flush()
+
+
+class _Session:
+    """The interactive loop: every turn sends the whole history and every image attached so far."""
+
+    def __init__(self, engine: Engine, params: SamplingParams, images: list[Image.Image]) -> None:
+        self.engine = engine
+        self.params = params
+        self.messages: list[dict] = []
+        self.images: list[Image.Image] = []
+        self.pending = list(images)  # attached, waiting for the next user message
+
+    def run(self) -> None:
+        print(HELP)
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                print()
+                return
+            line = line.strip()
+            if line in ("/exit", "/quit"):
+                return
+            if line:
+                self._handle(line)
+
+    def _handle(self, line: str) -> None:
+        if line == "/reset":
+            self.messages, self.images, self.pending = [], [], []
+            print("(history and images cleared)")
+        elif line.startswith("/image"):
+            self._attach(line.removeprefix("/image").strip())
+        elif line.startswith("/"):
+            print(f"unknown command {line.split()[0]!r}; {HELP}")
+        else:
+            self._ask(line)
+
+    def _attach(self, path: str) -> None:
+        if not path:
+            print("usage: /image PATH")
+            return
+        try:
+            self.pending.append(open_image(path))
+        except UserError as err:
+            print(f"error: {err}")
+            return
+        print(f"(image {path} will go with your next message)")
+
+    def _ask(self, text: str) -> None:
+        turn = {"role": "user", "content": with_image_markers(text, len(self.pending))}
+        images = self.images + self.pending
+        sys.stdout.write("model> ")
+        try:
+            done = self.engine.chat(self.messages + [turn], images, self.params, on_text=_print_delta)
+        except UserError as err:  # e.g. the history outgrew the model's context: keep the session alive
+            print(f"\nerror: {err} (try /reset)")
+            return
+        print()
+        self.messages += [turn, {"role": "assistant", "content": done.text}]
+        self.images, self.pending = images, []
