@@ -80,9 +80,10 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x (B, H, T, D); cos, sin (B, T, D) gathered at each token's position
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    # x (B, H, T, D); cos, sin (B, T, D) gathered at each token's position. The rotation runs in
+    # float32 (as the original's fp32 tables promote it under autocast), then back to x's dtype.
+    xf = x.float()
+    return (xf * cos.unsqueeze(1).float() + rotate_half(xf) * sin.unsqueeze(1).float()).type_as(x)
 
 
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
