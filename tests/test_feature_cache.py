@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -175,3 +176,13 @@ def test_interrupted_build_keeps_finished_shards(tmp_path: Path, images: list[Pa
     resumed = CountingEncoder(tower)
     report = _cache(tmp_path, tower).build(images, _preprocess, resumed, log=lambda _: None)
     assert resumed.images == 3 and report.reused == 2 + 1  # two cached, plus the duplicate of image 0
+
+
+def test_a_pickled_cache_maps_its_own_shards(tmp_path: Path, images: list[Path]) -> None:
+    tower = _tower()
+    cache = _cache(tmp_path / "cache", tower)
+    cache.build(images, _preprocess, CountingEncoder(tower), log=lambda _: None)
+    want = cache.features(images[2])  # opens a shard in this process
+    payload = pickle.dumps(cache)
+    assert len(payload) < disk_bytes(5, N_PATCHES, DIM)  # the index travels, the features do not
+    assert torch.equal(pickle.loads(payload).features(images[2]), want)

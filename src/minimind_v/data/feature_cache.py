@@ -142,6 +142,10 @@ class FeatureCache:
         self._files[path] = [stat.st_size, stat.st_mtime_ns, key]
         return key
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to spawned DataLoader workers: they map the shards themselves rather than receive copies.
+        return {**self.__dict__, "_shards": {}}
+
     def _shard(self, shard: int) -> np.memmap:
         # Opened lazily, so DataLoader workers forked after construction map their own views.
         if shard not in self._shards:
