@@ -145,12 +145,15 @@ def test_moe_routing_picks_top2_with_weights_summing_to_one():
     assert torch.allclose(weights.sum(-1), torch.ones(14))
 
 
-def test_moe_aux_loss_by_hand():
-    moe = MoEFeedForward(tiny_cfg(use_moe=True))
-    experts = torch.tensor([[0, 1], [0, 2]])  # one sequence, T=2, k=2
-    scores = torch.tensor([[[0.4, 0.3, 0.2, 0.1], [0.5, 0.1, 0.3, 0.1]]])
-    # counts (2, 1, 1, 0) / (T*k/E = 1); mean scores (0.45, 0.2, 0.25, 0.1)
-    expected = 0.1 * (2 * 0.45 + 1 * 0.2 + 1 * 0.25 + 0 * 0.1)
+@pytest.mark.parametrize("seq_aux", [True, False], ids=["per_sequence", "global"])
+def test_moe_aux_loss_by_hand(seq_aux):
+    moe = MoEFeedForward(tiny_cfg(use_moe=True, seq_aux=seq_aux))
+    experts = torch.tensor([[0, 1], [0, 2]])  # two sequences of one token, k=2
+    scores = torch.tensor([[[0.4, 0.3, 0.2, 0.1]], [[0.5, 0.1, 0.3, 0.1]]])
+    if seq_aux:  # counts / (T*k/E = 0.5): (2, 2, 0, 0) and (2, 0, 2, 0), each against its own scores
+        expected = 0.1 * ((2 * 0.4 + 2 * 0.3) + (2 * 0.5 + 2 * 0.3)) / 2
+    else:  # picks share (0.5, 0.25, 0.25, 0) * E against the mean scores (0.45, 0.2, 0.25, 0.1)
+        expected = 0.1 * (2 * 0.45 + 1 * 0.2 + 1 * 0.25 + 0 * 0.1)
     assert moe.balance_loss(experts, scores).item() == pytest.approx(expected)
 
 
