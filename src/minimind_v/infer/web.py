@@ -1,0 +1,146 @@
+"""`minimind-v web`: a Gradio chat page; upload images, ask, watch the answer stream in, ask again.
+
+The model is loaded once per process. Each browser session keeps its own conversation in a
+`gr.State` (the turns the model sees, with `<image>` markers, and the image files in order), so
+nothing is shared between users; the whole history goes to the model on every turn.
+Generation runs one request at a time (the queue's concurrency limit of 1 per event).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import gradio as gr
+
+from minimind_v.errors import UserError
+from minimind_v.infer.chat import open_image, with_image_markers
+from minimind_v.infer.engine import Engine, SamplingParams
+
+INTRO = ("Attach one or more images with the clip, ask about them, and keep talking: every turn sends the "
+         "whole conversation and all its images to the model.")
+
+
+@dataclass
+class WebOptions:
+    model: str
+    """Model directory."""
+    host: str = "127.0.0.1"
+    """Address to listen on; 127.0.0.1 keeps the page on this machine (0.0.0.0 exposes it to the network)."""
+    port: int = 7860
+    """TCP port."""
+
+
+def main(opts: WebOptions) -> int:
+    engine = Engine.load(opts.model)
+    demo = build_app(engine, title=f"minimind-v · {Path(opts.model).resolve().name}")
+    demo.queue(default_concurrency_limit=1).launch(server_name=opts.host, server_port=opts.port)
+    return 0
+
+
+def new_conversation() -> dict[str, list]:
+    """What one browser session remembers: the turns as the model sees them and the image files, in order."""
+    return {"messages": [], "images": []}
+
+
+def build_app(engine: Engine, title: str = "minimind-v") -> gr.Blocks:
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"## {title}\n{INTRO}")
+        conversation = gr.State(new_conversation())
+        chatbot = gr.Chatbot(label="conversation", height=460, elem_id="conversation")
+        box = gr.MultimodalTextbox(file_types=["image"], file_count="multiple", show_label=False, autofocus=True,
+                                   placeholder="Ask about an image (attach it with the clip)…", elem_id="ask")
+        with gr.Row():
+            temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="temperature (0 = greedy)",
+                                    elem_id="temperature")
+            top_p = gr.Slider(0.05, 1.0, value=0.85, step=0.05, label="top-p", elem_id="top-p")
+            max_tokens = gr.Slider(8, 1024, value=256, step=8, label="max new tokens", elem_id="max-tokens")
+        clear = gr.Button("New conversation", variant="secondary")
+
+        def respond(display, convo, temp, p, limit) -> Iterator[tuple[list, dict]]:
+            params = SamplingParams(max_new_tokens=int(limit), temperature=float(temp), top_p=float(p))
+            yield from _respond(engine, display, convo, params)
+
+        asked = box.submit(_add_user_turn, [box, chatbot, conversation], [box, chatbot, conversation], queue=False)
+        answered = asked.then(respond, [chatbot, conversation, temperature, top_p, max_tokens],
+                              [chatbot, conversation])
+        answered.then(lambda: gr.MultimodalTextbox(interactive=True), None, box, queue=False)
+        clear.click(lambda: ([], new_conversation(), None), None, [chatbot, conversation, box], queue=False)
+    return demo
+
+
+def _add_user_turn(message: dict, display: list, convo: dict) -> tuple[Any, list, dict]:
+    """Show the question (its images first) and record it with one `<image>` marker per new image."""
+    text, files = (message or {}).get("text", "").strip(), list((message or {}).get("files", []))
+    if not text and not files:
+        return gr.MultimodalTextbox(value=None, interactive=True), display, convo
+    paths = [f if isinstance(f, str) else f["path"] for f in files]
+    display = display + [{"role": "user", "content": {"path": p}} for p in paths]
+    display = display + [{"role": "user", "content": text or "(image)"}]
+    turn = {"role": "user", "content": with_image_markers(text, len(paths))}
+    convo = {"messages": convo["messages"] + [turn], "images": convo["images"] + paths}
+    return gr.MultimodalTextbox(value=None, interactive=False), display, convo
+
+
+def _respond(engine: Engine, display: list, convo: dict, params: SamplingParams) -> Iterator[tuple[list, dict]]:
+    """Stream the answer into the last chat bubble; on a refusal undo the question and say why."""
+    if not convo["messages"] or convo["messages"][-1]["role"] != "user":
+        return
+    display = display + [{"role": "assistant", "content": ""}]
+    try:
+        images = [open_image(p) for p in convo["images"]]
+        text = ""
+        for text in _stream(engine, convo["messages"], images, params):
+            display[-1] = {"role": "assistant", "content": text}
+            yield display, convo
+    except UserError as err:
+        turn = convo["messages"][-1]
+        n_new = turn["content"].count("<image>")
+        convo = {"messages": convo["messages"][:-1], "images": convo["images"][:len(convo["images"]) - n_new]}
+        yield display[:-1], convo
+        raise gr.Error(f"{err} (start a new conversation if it grew too long)") from None
+    convo = {"messages": convo["messages"] + [{"role": "assistant", "content": text}], "images": convo["images"]}
+    yield display, convo
+
+
+def _stream(engine: Engine, messages: list[dict], images: list, params: SamplingParams) -> Iterator[str]:
+    """The answer so far, after each streamed delta; generation runs in a thread so this can yield.
+
+    When the browser goes away Gradio closes this generator; the next delta then stops the engine.
+    """
+    deltas: queue.Queue[str | None] = queue.Queue()
+    closed = threading.Event()
+    failure: list[BaseException] = []
+
+    def on_text(delta: str) -> None:
+        if closed.is_set():
+            raise _Closed()
+        deltas.put(delta)
+
+    def work() -> None:
+        try:
+            engine.chat(messages, images, params, on_text=on_text)
+        except _Closed:
+            pass
+        except BaseException as err:  # handed to the generator, which re-raises it in Gradio's thread
+            failure.append(err)
+        finally:
+            deltas.put(None)
+
+    threading.Thread(target=work, name="minimind-v-web-generate", daemon=True).start()
+    text = ""
+    try:
+        while (delta := deltas.get()) is not None:
+            text += delta
+            yield text
+    finally:
+        closed.set()
+    if failure:
+        raise failure[0]
+
+
+class _Closed(Exception):
+    """The page stopped listening; ends the generation early."""
