@@ -163,9 +163,9 @@ class MoEFeedForward(nn.Module):
         """The original's load-balancing loss; `experts` (B*T, k), `scores` (B, T, E)."""
         B, T, E = scores.shape
         chosen = experts.view(B, -1)  # (B, T*k)
-        ones = torch.ones_like(chosen, dtype=scores.dtype)
         if self.seq_aux:
             # c[b, e]: how often sequence b picked expert e, relative to a uniform share T*k/E
+            ones = torch.ones_like(chosen, dtype=scores.dtype)
             counts = torch.zeros(B, E, dtype=scores.dtype, device=scores.device).scatter_add_(1, chosen, ones)
             counts = counts / (T * self.top_k / E)
             return self.alpha * (counts * scores.mean(dim=1)).sum(dim=1).mean()
