@@ -1,0 +1,158 @@
+"""`convert export-hf` / `convert import-hf`: model directory <-> a transformers trust_remote_code directory.
+
+The exported directory needs transformers, not minimind-v:
+
+    config.json                 MiniMindVConfig, with auto_map -> the two .py files below
+    configuration_minimind_v.py
+    modeling_minimind_v.py      MiniMindVForCausalLM (PreTrainedModel + GenerationMixin), same numerics as ours
+    model.safetensors           our state dict as it is (vision tower included under vision.model.*)
+    generation_config.json      stop on <|im_end|> and <|endoftext|>
+    tokenizer files, preprocessor_config.json (the vision tower's image preprocessing)
+
+    model = AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
+    model.generate(input_ids, attention_mask=..., pixel_values=...)
+
+import-hf reads such a directory back into a minimind-v model directory, weights unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minimind_v.errors import UserError
+
+TEMPLATE = Path(__file__).with_name("hf_template")
+CODE_FILES = ("configuration_minimind_v.py", "modeling_minimind_v.py")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+AUTO_MAP = {"AutoConfig": "configuration_minimind_v.MiniMindVConfig",
+            "AutoModelForCausalLM": "modeling_minimind_v.MiniMindVForCausalLM"}
+
+
+@dataclass
+class ExportHFOptions:
+    model: str
+    """Model directory to export."""
+    out: str
+    """Directory to write the transformers (trust_remote_code) model to."""
+
+
+@dataclass
+class ImportHFOptions:
+    src: str
+    """A directory written by `convert export-hf`."""
+    out: str
+    """Model directory to write."""
+
+
+def export_main(opts: ExportHFOptions) -> int:
+    export_hf(opts.model, opts.out)
+    print(f"wrote {opts.out}: AutoModelForCausalLM.from_pretrained({opts.out!r}, trust_remote_code=True)")
+    return 0
+
+
+def import_main(opts: ImportHFOptions) -> int:
+    import_hf(opts.src, opts.out)
+    print(f"wrote model directory {opts.out}")
+    return 0
+
+
+def _template(name: str) -> Any:
+    return importlib.import_module(f"minimind_v.convert.hf_template.{name}")
+
+
+def export_hf(model_dir: str | Path, out: str | Path) -> None:
+    from minimind_v.data.images import load_image_processor
+    from minimind_v.data.tokenizer import load_tokenizer, save_tokenizer
+    from minimind_v.model.vlm import MiniMindVLM
+
+    model = MiniMindVLM.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    processor = load_image_processor(model_dir, model.cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = hf_config(model, tokenizer)
+    hf_model = _template("modeling_minimind_v").MiniMindVForCausalLM(config)
+    # Our names are theirs: a strict load proves the two architectures hold the same tensors.
+    hf_model.load_state_dict(model.state_dict(), strict=True)
+    hf_model.generation_config.eos_token_id = config.eos_token_id
+    hf_model.generation_config.pad_token_id = config.pad_token_id
+    hf_model.save_pretrained(out)
+    for name in CODE_FILES:
+        shutil.copyfile(TEMPLATE / name, out / name)
+    save_tokenizer(tokenizer, out)
+    processor.save(out)
+
+
+def hf_config(model: Any, tokenizer: Any) -> Any:
+    """Our VLMConfig (and the tower's own config) as the template's MiniMindVConfig."""
+    cfg = model.cfg
+    vocab = tokenizer.get_vocab()
+    ends = [vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab]
+    tower = model.vision.model.config.to_dict()
+    tower = {k: v for k, v in tower.items() if not k.startswith("_") and k not in ("transformers_version",
+                                                                                    "architectures")}
+    config = _template("configuration_minimind_v").MiniMindVConfig(
+        lm=dataclasses.asdict(cfg.lm), vision_tower_config=tower, vision_hidden_size=cfg.vision.hidden_size,
+        vision_settings={"image_size": cfg.vision.image_size, "num_patches": cfg.vision.num_patches,
+                         "freeze": cfg.vision.freeze},
+        projector=cfg.projector, image_token=cfg.image_token, image_token_id=cfg.image_token_id,
+        image_token_len=cfg.image_token_len, eos_token_id=ends, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id)
+    config.architectures = ["MiniMindVForCausalLM"]
+    config.auto_map = dict(AUTO_MAP)
+    return config
+
+
+def import_hf(src: str | Path, out: str | Path) -> None:
+    from minimind_v.model.config import LMConfig, VisionConfig, VLMConfig
+    from minimind_v.model.vlm import MiniMindVLM
+    from minimind_v.modeldir import read_weights
+
+    src = Path(src)
+    data = _read_export_config(src)
+    try:
+        settings = data["vision_settings"]
+        vision = VisionConfig(name_or_path="vision", init=data["vision_tower_config"],
+                              hidden_size=data["vision_hidden_size"], **settings)
+        cfg = VLMConfig(lm=LMConfig(**data["lm"]), vision=vision, projector=data["projector"],
+                        image_token=data["image_token"], image_token_id=data["image_token_id"],
+                        image_token_len=data["image_token_len"])
+    except (KeyError, TypeError) as err:
+        raise UserError(f"{src / 'config.json'}: not a minimind-v export ({type(err).__name__}: {err})") from None
+    model = MiniMindVLM(cfg)
+    state = read_weights(src / "model.safetensors")
+    state.setdefault("lm.lm_head.weight", state.get("lm.embed_tokens.weight"))  # tied: stored once
+    missing, unexpected = _key_diff(model.state_dict(), state)
+    if missing or unexpected:
+        raise UserError(f"{src / 'model.safetensors'}: weights do not match config.json; missing: "
+                        f"{missing or 'none'}; unexpected: {unexpected or 'none'}")
+    model.load_state_dict(state, strict=True)
+    model.save_pretrained(out)
+    # Verbatim copies: loading the tokenizer through transformers here would ask to run the export's code.
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, Path(out) / name)
+    shutil.copyfile(src / "preprocessor_config.json", Path(out) / "vision" / "preprocessor_config.json")
+
+
+def _read_export_config(src: Path) -> dict[str, Any]:
+    path = src / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: cannot read ({err})") from None
+    if data.get("model_type") != "minimind_v":
+        raise UserError(f"{path}: model_type {data.get('model_type')!r}, expected 'minimind_v' (from export-hf)")
+    return data
+
+
+def _key_diff(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    return sorted(set(expected) - set(state))[:8], sorted(set(state) - set(expected))[:8]
