@@ -26,6 +26,9 @@ def test_both_modes_report_and_agree_on_the_first_loss() -> None:
     # Padding, cached fp16 features and head-only-where-supervised leave the objective unchanged.
     assert result["first_step_loss_gap"] < 1e-3
     assert result["feature_cache"]["encoded_once_untimed"] is True
+    generation = result["generation"]
+    assert generation["new_tokens"] == 100 and generation["new_tokens_per_s"] > 0
+    assert generation["prompt_tokens"] == 64 + 54  # the tiny preset's placeholder run + the text
 
 
 def test_the_two_loops_supervise_the_same_targets() -> None:
@@ -83,10 +86,11 @@ def test_the_real_presets_get_a_random_clip_b16_of_the_true_shape() -> None:
 
 def test_cli_prints_json_and_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["bench", "--preset", "tiny", "--stage", "pretrain", "--steps", "1", "--warmup", "0",
-            "--batch-size", "1", "--max-seq-len", "128", "--mode", "fast"]
+            "--batch-size", "1", "--max-seq-len", "128", "--mode", "fast", "--no-generate"]
     assert cli.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert "fast" in result and "naive" not in result and "speedup_fast_over_naive" not in result
+    assert "generation" not in result
     assert cli.main(["bench", "--preset", "tiny", "--steps", "0"]) == 2
     assert cli.main(["bench", "--preset", "tiny", "--max-seq-len", "70"]) == 2
     assert cli.main(["bench", "--preset", "nope"]) == 2

@@ -12,6 +12,7 @@ weights, with the stage's trainable set (pretrain: the projector; sft: LLM + pro
   positions, fused AdamW and compiled decoder blocks on CUDA.
 
 Both compute the same objective, so their first-step losses agree (a check printed in the JSON).
+Generation is timed too, through the engine every chat, web and serve request goes through.
 Model FLOPs count only the useful work at the real length (no padding, no per-step tower, the LM
 head where supervised); MFU divides them by the device's dense bf16 peak when it is known.
 """
@@ -29,10 +30,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
+from minimind_v.data.images import ImagePreprocessor
 from minimind_v.errors import UserError
 from minimind_v.model.config import VLMConfig
 from minimind_v.model.llm import IGNORE_INDEX
@@ -74,6 +78,8 @@ class BenchOptions:
     """torch.compile the decoder blocks in fast mode; auto: on CUDA only (on 2 CPU cores it costs minutes)."""
     seed: int = 0
     """Seed of the weights and of the synthetic data."""
+    generate: bool = True
+    """Also time generation through the engine: greedy, batch 1, one image + 54-token prompt, 100 new tokens."""
 
 
 @dataclass
@@ -141,6 +147,8 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     if opts.mode == "both":
         result["speedup_fast_over_naive"] = round(result["fast"]["samples_per_s"] / result["naive"]["samples_per_s"], 2)
         result["first_step_loss_gap"] = round(abs(result["fast"]["first_loss"] - result["naive"]["first_loss"]), 5)
+    if opts.generate:
+        result["generation"] = generation_speed(s.model, s.device, opts.seed)
     return result
 
 
@@ -342,6 +350,38 @@ def sample_flops(cfg: VLMConfig, sample: Sample, stage: str) -> float:
     projector_params = cfg.vision.hidden_size * lm.hidden_size + (lm.hidden_size ** 2 if cfg.projector == "mlp" else 0)
     projector = 2 * projector_params * cfg.image_token_len
     return matmul * (1 + llm_backward) + attention * 3 + projector * 3
+
+
+def generation_speed(model: MiniMindVLM, device: torch.device, seed: int, prompt_text: int = 54,
+                     new_tokens: int = 100) -> dict[str, Any]:
+    """New tokens per second through the engine (prefill with the tower included, then KV-cached decoding).
+
+    The tokenizer is a stand-in with one word per id and no end token, so every run makes exactly
+    `new_tokens` tokens; the image goes through the real CLIP preprocessing.
+    """
+    from minimind_v.infer.engine import Engine, SamplingParams
+
+    cfg = model.cfg
+    preprocess = ImagePreprocessor.for_image_size(cfg.vision.image_size)  # CLIP's recipe at the tower's size
+    engine = Engine(model, _stand_in_tokenizer(cfg.lm.vocab_size), preprocess, device)
+    rng = random.Random(seed)
+    text_ids = [i for i in range(3, cfg.lm.vocab_size) if i != cfg.image_token_id]
+    prompt = [cfg.image_token_id] * cfg.image_token_len + [rng.choice(text_ids) for _ in range(prompt_text)]
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (240, 320, 3), dtype=np.uint8))
+    engine.generate([prompt], [[image]], SamplingParams(max_new_tokens=2))  # warm-up
+    t0 = _now(device)
+    done = engine.generate([prompt], [[image]], SamplingParams(max_new_tokens=new_tokens))[0]
+    seconds = _now(device) - t0
+    return {"batch_size": 1, "greedy": True, "prompt_tokens": len(prompt), "new_tokens": done.completion_tokens,
+            "seconds": round(seconds, 3), "new_tokens_per_s": round(done.completion_tokens / seconds, 1)}
+
+
+def _stand_in_tokenizer(vocab_size: int) -> Any:
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), pad_token="t0")
 
 
 def _now(device: torch.device) -> float:
