@@ -19,6 +19,7 @@ def test_both_modes_report_and_agree_on_the_first_loss() -> None:
     for mode in ("fast", "naive"):
         r = result[mode]
         assert r["samples_per_s"] > 0 and r["real_tokens_per_s"] > 0 and r["model_tflops_per_s"] > 0
+        assert r["cpu_seconds_per_step"] > 0
         assert r["mfu"] is None  # no known peak on CPU
         assert r["peak_memory_mb"]["kind"] == "process_peak_rss"
     assert result["speedup_fast_over_naive"] == pytest.approx(

@@ -283,12 +283,14 @@ def time_mode(mode: str, s: Setup, opts: BenchOptions) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
     with _compiled_blocks(model, compiled):
-        losses, seconds = _timed_steps(loss_fn, optimizer, model, s.batches, opts.warmup, autocast, device)
+        losses, seconds, cpu_seconds = _timed_steps(loss_fn, optimizer, model, s.batches, opts.warmup, autocast, device)
     timed = [x for b in s.batches[opts.warmup:] for x in b.samples]
     flops = sum(sample_flops(s.cfg, x, opts.stage) for x in timed)
     peak = next((p for name, p in BF16_PEAKS if name in _device_name(device)), None) if cuda else None
     return {
         "seconds_per_step": round(seconds / opts.steps, 4),
+        # CPU time of this process: on a shared machine it moves far less than the wall clock does.
+        "cpu_seconds_per_step": round(cpu_seconds / opts.steps, 4),
         "samples_per_s": round(len(timed) / seconds, 3),
         "real_tokens_per_s": round(sum(len(x.input_ids) for x in timed) / seconds, 1),
         "model_tflops_per_s": round(flops / seconds / 1e12, 4),
@@ -301,13 +303,13 @@ def time_mode(mode: str, s: Setup, opts: BenchOptions) -> dict[str, Any]:
 
 def _timed_steps(loss_fn: Callable[[Batch], Tensor], optimizer: torch.optim.Optimizer, model: nn.Module,
                  batches: list[Batch], warmup: int, autocast: contextlib.AbstractContextManager,
-                 device: torch.device) -> tuple[list[float], float]:
-    """One optimizer step per batch (forward, backward, clip, step); seconds over the steps after warmup."""
+                 device: torch.device) -> tuple[list[float], float, float]:
+    """One optimizer step per batch (forward, backward, clip, step); wall and CPU seconds after warmup."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    losses, start = [], _now(device)
+    losses, start, cpu_start = [], _now(device), time.process_time()
     for i, batch in enumerate(batches):
         if i == warmup:
-            start = _now(device)
+            start, cpu_start = _now(device), time.process_time()
         with autocast:
             loss = loss_fn(batch)
         loss.backward()
@@ -315,7 +317,7 @@ def _timed_steps(loss_fn: Callable[[Batch], Tensor], optimizer: torch.optim.Opti
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-    return losses, _now(device) - start
+    return losses, _now(device) - start, time.process_time() - cpu_start
 
 
 @contextlib.contextmanager
