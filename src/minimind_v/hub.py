@@ -19,7 +19,7 @@ import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -48,7 +48,7 @@ class DownloadOptions:
     """What to fetch: any of vision, llm, vlm (the original's finished weights), tokenizer, data-pretrain, data-sft, all."""
     out: str = "downloads"
     """Directory to write into (the original layout: weights at the top, data under dataset/)."""
-    size: str = "512"
+    size: Literal["512", "768", "moe"] = "512"
     """Which MiniMind weights: 512 (minimind2-small-v), 768 (minimind2-v) or moe (minimind2-small-v-moe)."""
     keep_archives: bool = False
     """Keep the image .zip archives after unpacking them (they are 3.7 GB together)."""
@@ -56,8 +56,6 @@ class DownloadOptions:
 
 def main(opts: DownloadOptions) -> int:
     parts = _selection(opts.what)
-    if opts.size not in SIZE_SUFFIX:
-        raise UserError(f"--size {opts.size!r}: expected one of {', '.join(SIZE_SUFFIX)}")
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"downloading {', '.join(f'{p} (~{SIZES[p]})' for p in parts)} into {out}")
