@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
+from minimind_v.data.batching import BatchPlan
 from minimind_v.model.config import LMConfig, VisionConfig, VLMConfig
 from minimind_v.model.vlm import MiniMindVLM
 from minimind_v.train import freezing, optim
-from minimind_v.train.sampler import Slicing, epoch_order
+from minimind_v.train.sampler import Slicing
 from minimind_v.train.step import Precision, train_step
 
 IMG = 3  # placeholder id
@@ -133,17 +135,20 @@ def test_accumulation_equals_one_large_batch():
     assert not torch.equal(models[0].lm.layers[0].attn.q_proj.weight, tiny_vlm().lm.layers[0].attn.q_proj.weight)
 
 
-def test_global_order_is_sliced_the_same_for_any_world_size():
-    order = epoch_order(40, seed=7, epoch=2)
-    assert sorted(order.tolist()) == list(range(40))
-    assert (order == epoch_order(40, seed=7, epoch=2)).all() and not (order == epoch_order(40, 7, 3)).all()
-    one = Slicing(batch_size=4, world_size=1, accumulation_steps=2)
-    two = Slicing(batch_size=2, world_size=2, accumulation_steps=2)
-    for position in (0, 8, 16):
-        per_rank = [two.micro_batches(order, position, r) for r in range(2)]
-        for j, big in enumerate(one.micro_batches(order, position, 0)):
-            assert big == per_rank[0][j] + per_rank[1][j]
-    assert one.steps_left(40, 32) == 1 and one.steps_left(40, 33) == 0
+def test_world_sizes_slice_the_same_global_order():
+    plan_one = BatchPlan(np.arange(40) % 7 + 1, batch_size=4, seed=7)
+    plan_two = BatchPlan(np.arange(40) % 7 + 1, batch_size=2, seed=7)
+    one, two = Slicing(world_size=1, accumulation_steps=2), Slicing(world_size=2, accumulation_steps=2)
+    big, small = plan_one.batches(3), plan_two.batches(3)
+    assert sorted(i for b in big for i in b) == list(range(40)) and big != plan_one.batches(4)
+    for step in range(one.steps_left(len(big), 0)):
+        seen_one = [i for m in one.micro_batches(step * 2, 0) for i in big[m]]
+        seen_two = [i for r in range(2) for m in two.micro_batches(step * 4, r) for i in small[m]]
+        assert sorted(seen_one) == sorted(seen_two)
+    # Resuming 1 process -> 2 at batch position p of the 2-process list is sample p * 2 of the order.
+    order = [i for b in small for i in b]
+    assert [i for m in two.micro_batches(6, 0) for i in small[m]] == [*order[12:14], *order[16:18]]
+    assert one.steps_left(10, 8) == 1 and one.steps_left(10, 9) == 0
 
 
 def test_tiny_model_overfits_one_batch():
