@@ -173,3 +173,26 @@ def test_resume_with_another_world_size_continues_from_the_same_global_sample(dd
     assert losses(resumed)[-2:] == pytest.approx(losses(one)[-2:], rel=1e-5)
     for key, value in weights(one).items():
         torch.testing.assert_close(weights(resumed)[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_from_an_original_pth_starts_from_its_weights(world, tokenizer_dir, tiny_model_dir, tmp_path):
+    from minimind_v.convert.upstream import upstream_name
+    from minimind_v.modeldir import weights_to_save
+
+    source = MiniMindVLM.from_pretrained(tiny_model_dir)
+    llm = {k: v for k, v in weights_to_save(source).items() if k.startswith("lm.")}
+    original = {upstream_name(k): v.half() for k, v in llm.items()}
+    original["lm_head.weight"] = original["model.embed_tokens.weight"].clone()  # stored twice upstream
+    torch.save(original, tmp_path / "llm_64.pth")
+    cfg = source.cfg
+    shapes = [f"model.lm.{k}={getattr(cfg.lm, k)}" for k in ("vocab_size", "hidden_size", "num_hidden_layers")]
+    shapes += [f"model.vision.{k}={getattr(cfg.vision, k)}" for k in ("hidden_size", "image_size", "num_patches")]
+    shapes += [f"model.image_token_len={cfg.image_token_len}"]
+    out = tmp_path / "run"
+    assert train("--stage", "pretrain", "--from", str(tmp_path / "llm_64.pth"), "--preset", "tiny",
+                 "--vision", str(tiny_model_dir / "vision"), "--tokenizer", str(tokenizer_dir),
+                 "--data", str(world / "train.jsonl"), "--out", str(out), "--batch-size", "2", "--max-steps", "2",
+                 *[arg for s in shapes for arg in ("--set", s)]) == 0
+    trained = weights(out)
+    assert all(torch.equal(trained[k], v.half().float()) for k, v in llm.items())  # frozen: exactly the file's
+    assert "projector.net.0.weight" in trained and "fresh" in (out / "train.log").read_text()

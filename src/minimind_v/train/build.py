@@ -72,27 +72,31 @@ def _fresh(preset: str, tokenizer_dir: str | None, vision: str | None) -> Start:
 
 
 def _from_pth(path: Path, preset: str, tokenizer_dir: str | None, vision: str | None) -> Start:
+    """An original checkpoint: the preset's shapes with the original's linear projector and "@" placeholder."""
+    from minimind_v.convert import upstream
+
     if tokenizer_dir is None:
         raise UserError(f"--from {path}: an original checkpoint carries no tokenizer; give --tokenizer DIR")
-    cfg = _with_vision(get_preset(preset), vision)
-    return Start("pth", path, cfg, load_tokenizer(tokenizer_dir), vision is not None)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    cfg = upstream.upstream_config(preset, vision or get_preset(preset).vision.name_or_path,
+                                   upstream.image_token_id(tokenizer, tokenizer_dir))
+    return Start("pth", path, cfg, tokenizer, vision is not None)
 
 
-def build_model(start: Start, cfg: VLMConfig) -> MiniMindVLM:
-    """The model of `cfg` (the start's config after --set), holding the starting weights."""
+def build_model(start: Start, cfg: VLMConfig) -> tuple[MiniMindVLM, list[str]]:
+    """The model of `cfg` (the start's config after --set) holding the starting weights, and notes for the log."""
     if start.kind == "none":
-        return MiniMindVLM(cfg)
+        return MiniMindVLM(cfg), []
     if start.kind == "pth":
         from minimind_v.convert.upstream import load_upstream_weights
 
         model = MiniMindVLM(cfg)
-        load_upstream_weights(model, start.path)
-        return model
+        return model, load_upstream_weights(model, start.path)
     source = cfg.vision.name_or_path if start.vision_override else modeldir.vision_source(cfg.vision, start.path)
     model = MiniMindVLM(cfg, vision=VisionTower(cfg.vision, source=source))
     weights = start.path / modeldir.WEIGHTS_FILE
     modeldir.load_weights_strict(model, modeldir.read_weights(weights), weights)
-    return model
+    return model, []
 
 
 def image_preprocessor(start: Start, cfg: VLMConfig) -> ImagePreprocessor:

@@ -12,13 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from minimind_v.errors import UserError
 from minimind_v.options import apply_overrides
 from minimind_v.train import build, checkpoint, distributed
 from minimind_v.train.config import TrainConfig, resume_conflicts
-from minimind_v.train.metrics import TRACKERS
+from minimind_v.train.metrics import require_tracker
 from minimind_v.train.session import Session
 from minimind_v.train.stages import get_stage
 
@@ -113,8 +111,7 @@ def _check_options(opts: TrainOptions) -> None:
     if not 0 <= opts.max_bad_fraction <= 1:
         raise UserError(f"--max-bad-fraction {opts.max_bad_fraction}: must be between 0 and 1")
     for kind in opts.log_to:
-        if kind not in TRACKERS:
-            raise UserError(f"--log-to {kind}: choose from {', '.join(TRACKERS)}")
+        require_tracker(kind)
     if opts.eval_every and not opts.val_data:
         raise UserError("--eval-every needs --val-data")
 

@@ -7,6 +7,7 @@ chosen, and a missing package is a one-line error before any training starts.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import time
@@ -18,16 +19,20 @@ from minimind_v.errors import UserError
 TRACKERS = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "swanlab": "swanlab"}
 
 
+def require_tracker(kind: str) -> None:
+    """Fail before any work when a chosen tracker is unknown or not installed."""
+    if kind not in TRACKERS:
+        raise UserError(f"--log-to {kind}: choose from {', '.join(TRACKERS)}")
+    if importlib.util.find_spec(kind) is None:
+        raise UserError(f"--log-to {kind}: the package is not installed (pip install {kind})")
+
+
 class Tracker:
     """One experiment tracker behind the same two calls."""
 
     def __init__(self, kind: str, out: Path, config: dict[str, Any]) -> None:
-        try:
-            module = importlib.import_module(TRACKERS[kind])
-            if kind == "tensorboard":
-                importlib.import_module("tensorboard")
-        except ImportError:
-            raise UserError(f"--log-to {kind}: the package is not installed (pip install {kind})") from None
+        require_tracker(kind)
+        module = importlib.import_module(TRACKERS[kind])
         self.kind = kind
         if kind == "tensorboard":
             self.run = module.SummaryWriter(log_dir=str(out / "tensorboard"))

@@ -69,7 +69,9 @@ class Session:
         self.say(f"command: minimind-v {' '.join(sys.argv[1:])}")
         self.say(f"config: {json.dumps(cfg.to_dict())}")
         build.seed_everything(cfg.seed)  # the same initial weights on every process
-        model = build.build_model(self.start, cfg.model)
+        model, notes = build.build_model(self.start, cfg.model)
+        for note in notes:
+            self.say(f"--from {self.start.path}: {note}")
         freezing.apply_policy(model, cfg.freeze, train_vision=not cfg.model.vision.freeze,
                               uses_images=self.stage.uses_images)
         self.model = model.to(self.device)

@@ -69,13 +69,21 @@ def _forward(model: nn.Module, batch: Batch, precision: Precision):
         return model(**batch, logits_to_keep="none")
 
 
+def _step_tokens(local: int, device: torch.device) -> float | torch.Tensor:
+    """Supervised tokens of this step on all processes (at least 1), without making the host wait."""
+    if not torch.distributed.is_initialized():
+        return float(max(local, 1))
+    # A pageable host->device copy would wait for the queued kernels; a pinned, non-blocking one does not.
+    count = torch.tensor([float(local)], pin_memory=device.type == "cuda").to(device, non_blocking=True)
+    return distributed.all_reduce_sum(count).clamp(min=1)[0]
+
+
 def train_step(model: nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer,
                precision: Precision, grad_clip: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward/backward every micro-batch, then clip and step. Returns (summed CE, grad norm) as device
     tensors, so nothing here waits for the device."""
     counts = [supervised_tokens(b) for b in micro_batches]
-    total = torch.tensor(float(sum(counts)), device=device)
-    distributed.all_reduce_sum(total)  # tokens of this step on all processes
+    total = _step_tokens(sum(counts), device)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     k = len(micro_batches)
     ce_sum = torch.zeros((), device=device)
@@ -86,7 +94,7 @@ def train_step(model: nn.Module, micro_batches: list[Batch], optimizer: torch.op
         with sync:
             out = _forward(model, to_device(batch, device), precision)
             ce = out.loss - out.aux_loss  # mean CE over this micro-batch's n supervised tokens
-            loss = ce * (n * world) / total.clamp(min=1) + out.aux_loss / k
+            loss = ce * (n * world) / total + out.aux_loss / k
             (precision.scaler.scale(loss) if precision.scaler else loss).backward()
         ce_sum += ce.detach().float() * n
     if precision.scaler:
