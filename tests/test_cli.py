@@ -89,9 +89,14 @@ def test_unknown_command_exits_2_and_help_exits_0(capsys):
         assert name in out
 
 
-def test_every_command_has_help():
-    for name in cli.COMMANDS:
-        result = subprocess.run([sys.executable, "-m", "minimind_v.cli", *name.split(), "--help"],
-                                capture_output=True, text=True)
-        assert result.returncode == 0, f"{name}: {result.stderr[-400:]}"
-        assert "usage: minimind-v" in result.stdout
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_every_command_has_help(name, capsys):
+    assert cli.main([*name.split(), "--help"]) == 0
+    out = capsys.readouterr().out
+    assert f"usage: minimind-v {name}" in out
+    assert "--" in out.split("options:", 1)[1]
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "minimind_v.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "quickstart" in result.stdout
