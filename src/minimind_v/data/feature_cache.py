@@ -76,12 +76,12 @@ def disk_bytes(n_images: int, n_patches: int, dim: int) -> int:
     return n_images * n_patches * dim * np.dtype(DTYPE).itemsize
 
 
-def format_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
         n /= 1024
-    raise AssertionError("unreachable")
+    return f"{n:.1f} TB"
 
 
 @dataclass
