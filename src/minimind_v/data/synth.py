@@ -287,7 +287,7 @@ class Sample:
 
 
 def make_sample(seed: int, split: str, index: int, lang: str = "en", kind: str = "qa", max_turns: int = 3,
-                image_size: int = 96, types: tuple[str, ...] = QUESTION_TYPES) -> Sample:
+                image_size: int = 48, types: tuple[str, ...] = QUESTION_TYPES) -> Sample:
     """Sample `index` of a split; depends only on its arguments, so any n gives the same first samples."""
     rng = random.Random(f"minimind-v synth {seed} {split} {index}")
     scene = sample_scene(rng, split)
@@ -332,8 +332,8 @@ class SynthOptions:
     """jsonl with an image folder (the original MiniMind-V layout) or one parquet file with image bytes."""
     max_turns: int = 3
     """A QA sample has 1 to this many question-answer turns; only the first turn carries the image."""
-    image_size: int = 96
-    """Side of the square images in pixels (a multiple of 3 keeps the grid on whole pixels)."""
+    image_size: int = 48
+    """Side of the square images in pixels; 48 is the tiny preset's input, so grid cells match its patches."""
 
 
 def write_dataset(opts: SynthOptions) -> Path:

@@ -1,0 +1,427 @@
+"""`minimind-v quickstart`: the whole pipeline on the synthetic world, on a CPU, within --minutes.
+
+synth -> tokenizer -> the tiny preset trained from scratch with the real trainer, in two stages
+(captions, then questions and answers) -> exact-match evaluation on held-out scenes -> a sample
+chat -> accuracy against minutes and the loss curves.
+
+The time budget is kept by measuring, not by guessing: every phase is timed, one training step of
+the real model is timed before training, each stage gets the steps that fit its share of the time
+left, and the second stage is re-planned from the first stage's measured speed. A slower machine
+therefore trains fewer steps and finishes on time with a lower score, instead of overrunning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minimind_v.errors import UserError
+
+MARKER = "quickstart.json"
+"""Written into OUT: a directory holding it may be cleared and rebuilt by the next quickstart."""
+SYSTEM_PROMPT = "You are a helpful assistant"
+"""The chat template's default system turn; in the tokenizer corpus so that it costs few tokens."""
+
+
+@dataclass
+class Recipe:
+    """How the quickstart trains; the defaults were chosen by experiment on 2 CPU cores."""
+
+    caption_samples: int = 6000
+    """Captioned scenes for the first stage (the full description as the answer)."""
+    qa_samples: int = 16000
+    """Question-answer scenes for the second stage (1 to max_turns questions each)."""
+    max_turns: int = 6
+    """Questions per QA sample; the image is seen once for all of them."""
+    test_samples: int = 300
+    """Held-out QA samples for the final evaluation."""
+    curve_samples: int = 96
+    """Held-out QA samples evaluated at each checkpoint for the accuracy-against-minutes curve."""
+    vocab_size: int = 600
+    """BPE vocabulary of the world's tokenizer."""
+    batch_size: int = 32
+    """Samples per step."""
+    lr: float = 3e-3
+    """Peak learning rate of both stages."""
+    caption_share: float = 0.3
+    """Share of the training time given to the caption stage."""
+    checkpoints_per_stage: int = 3
+    """Checkpoints evaluated for the curve in each stage (besides the final model)."""
+
+
+@dataclass
+class QuickstartOptions:
+    out: str = "runs/quickstart"
+    """Directory for the data, the runs and the final model (OUT/model)."""
+    minutes: float = 15.0
+    """Wall-clock budget for everything, evaluation included."""
+    seed: int = 0
+    """Seeds the synthetic data and the training."""
+    scale: float = 1.0
+    """Multiply the number of synthetic training samples (e.g. 0.05 for a smoke test)."""
+    recipe: Recipe = field(default_factory=Recipe, metadata={"cli": False})
+    """Training choices (Python API only)."""
+
+
+class Clock:
+    """Wall time since the start, the time left of the budget, and how long each phase took."""
+
+    def __init__(self, minutes: float) -> None:
+        self.start = time.perf_counter()
+        self.budget = minutes * 60.0
+        self.phases: dict[str, float] = {}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.budget - self.elapsed()
+
+    def phase(self, name: str) -> "_Phase":
+        return _Phase(self, name)
+
+
+class _Phase:
+    def __init__(self, clock: Clock, name: str) -> None:
+        self.clock, self.name = clock, name
+
+    def __enter__(self) -> "_Phase":
+        self.began = time.perf_counter()
+        print(f"[{self.clock.elapsed() / 60:5.2f} min] {self.name} ...", flush=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.clock.phases[self.name] = round(time.perf_counter() - self.began, 2)
+
+
+
+# --- phases ----------------------------------------------------------------------------------
+
+def prepare_out(out: Path) -> None:
+    """Start from an empty OUT; only a directory an earlier quickstart wrote (or an empty one) is cleared."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise UserError(f"--out {out}: exists and was not written by quickstart; choose another directory")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("{}\n")
+
+
+def write_world(out: Path, seed: int, recipe: Recipe, scale: float) -> dict[str, Path]:
+    """Caption and QA training sets (different scenes) and a held-out QA test set, English and Chinese mixed."""
+    from minimind_v.data.synth import SynthOptions, write_dataset
+
+    def n(count: int) -> int:
+        return max(8, round(count * scale))
+
+    data = out / "data"
+    return {
+        "captions": write_dataset(SynthOptions(out=str(data / "captions"), n=n(recipe.caption_samples), seed=seed,
+                                               lang="mix", kind="caption")),
+        "qa": write_dataset(SynthOptions(out=str(data / "qa"), n=n(recipe.qa_samples), seed=seed + 1, lang="mix",
+                                         kind="qa", max_turns=recipe.max_turns)),
+        "test": write_dataset(SynthOptions(out=str(data / "test"), n=recipe.test_samples,
+                                           seed=seed + 2, split="test", lang="mix", kind="qa")),
+    }
+
+
+def train_world_tokenizer(corpus: list[Path], vocab_size: int, out: Path) -> Any:
+    from minimind_v.data.tokenizer import corpus_texts, save_tokenizer, train_tokenizer
+
+    def texts() -> Any:
+        yield from [SYSTEM_PROMPT] * 200
+        yield from corpus_texts([str(p) for p in corpus])
+
+    tokenizer = train_tokenizer(texts(), vocab_size)
+    save_tokenizer(tokenizer, out)
+    return tokenizer
+
+
+def mean_tokens(data: Path, tokenizer: Any, cfg: Any, n: int = 200) -> float:
+    """Average length in tokens (chat template and image placeholders included) of the first n samples."""
+    from minimind_v.data.formats import open_dataset
+    from minimind_v.data.template import encode_conversation
+
+    reader = open_dataset(data)
+    lengths = [len(encode_conversation(tokenizer, s.conversations, cfg, len(s.images), 4096).input_ids)
+               for s in (reader[i] for i in range(min(n, len(reader))))]
+    return sum(lengths) / len(lengths)
+
+
+def time_one_step(cfg: Any, batch_size: int, seq_len: int) -> float:
+    """Seconds for one training step (forward, backward, AdamW) of the real model on a batch of this shape."""
+    from minimind_v.model.vlm import MiniMindVLM
+
+    model = MiniMindVLM(cfg)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    seq_len = max(seq_len, cfg.image_token_len + 4)
+    ids = torch.randint(4, cfg.lm.vocab_size, (batch_size, seq_len))
+    ids[:, 2:2 + cfg.image_token_len] = cfg.image_token_id
+    labels = ids.masked_fill(ids == cfg.image_token_id, -100)
+    pixels = torch.randn(batch_size, 3, cfg.vision.image_size, cfg.vision.image_size)
+
+    def step() -> None:
+        out = model(ids, pixel_values=pixels, labels=labels, logits_to_keep="none")
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # the first step allocates; time the next ones
+    began = time.perf_counter()
+    for _ in range(2):
+        step()
+    return (time.perf_counter() - began) / 2
+
+
+def fastest_threads(cfg: Any, batch_size: int, seq_len: int) -> tuple[int, float]:
+    """Set torch's thread count to the faster of 1 and all cores, measured on the real step.
+
+    On an idle machine all cores win; on a busy one (other jobs on the same cores) the threads of one
+    step wait for each other and a single thread can be several times faster.
+    """
+    timings = {}
+    for threads in sorted({1, torch.get_num_threads()}):
+        torch.set_num_threads(threads)
+        timings[threads] = time_one_step(cfg, batch_size, seq_len)
+    best = min(timings, key=timings.__getitem__)
+    torch.set_num_threads(best)
+    return best, timings[best]
+
+
+@dataclass
+class StageRun:
+    """What one training stage did, as measured."""
+
+    name: str
+    steps: int
+    wall_s: float
+    """The whole call: set-up (reading and tokenising the data, building the model) and training."""
+    train_s: float
+    """The training loop alone, from the trainer's metrics."""
+    tokens: int
+    """Tokens trained on (padding included), from the trainer's metrics."""
+
+    @property
+    def seconds_per_token(self) -> float:
+        return self.train_s / max(self.tokens, 1)
+
+    @property
+    def setup_s(self) -> float:
+        return max(0.0, self.wall_s - self.train_s)
+
+
+def run_stage(stage: str, data: Path, n_samples: int, run_dir: Path, from_: str, tokenizer_dir: Path, steps: int,
+              recipe: Recipe, seed: int) -> StageRun:
+    """One stage through the real trainer (`minimind-v train`), everything learning, tower included."""
+    from minimind_v.train.loop import TrainOptions
+    from minimind_v.train.loop import main as train_main
+    from minimind_v.train.metrics import read_metrics
+
+    save_every = max(1, math.ceil(steps / recipe.checkpoints_per_stage))
+    opts = TrainOptions(stage=stage, data=str(data), out=str(run_dir), from_=from_, preset="tiny",
+                        tokenizer=str(tokenizer_dir), batch_size=recipe.batch_size, lr=recipe.lr, max_seq_len=512,
+                        epochs=math.ceil(steps * recipe.batch_size / n_samples) + 1, max_steps=steps, seed=seed, freeze="all", group_by_length=True,
+                        save_every=save_every, keep_checkpoints=recipe.checkpoints_per_stage + 1, log_every=10,
+                        device="cpu", set_=[f"warmup_steps={max(1, min(50, steps // 10))}"])
+    began = time.perf_counter()
+    train_main(opts)
+    wall = time.perf_counter() - began
+    last = read_metrics(run_dir / "metrics.jsonl")[-1]
+    return StageRun(stage, last["step"], round(wall, 2), float(last["elapsed"]), int(last["tokens"]))
+
+
+def steps_for(seconds: float, seconds_per_step: float, setup_s: float) -> int:
+    return max(1, int((seconds - setup_s) / seconds_per_step))
+
+
+# --- evaluation, chat, curves ----------------------------------------------------------------
+
+def checkpoint_engines(run_dir: Path) -> list[tuple[Path, Any]]:
+    """An engine per saved checkpoint of a stage: the stage's final model with the checkpoint's weights."""
+    from safetensors.torch import load_file
+
+    from minimind_v.infer.engine import Engine
+
+    engines = []
+    for path in sorted((run_dir / "checkpoints").glob("step-*")):
+        engine = Engine.load(run_dir / "model", "cpu")
+        weights = load_file(str(path / "trainable.safetensors"))
+        missing, unexpected = engine.model.load_state_dict(weights, strict=False)
+        if unexpected:
+            raise RuntimeError(f"{path}: unexpected weights {unexpected[:4]}")
+        engines.append((path, engine))
+    return engines
+
+
+def accuracy_curve(run_dirs: list[Path], test: Path, limit: int, wall_start: float) -> list[dict[str, Any]]:
+    """Held-out exact match at every checkpoint, against the wall-clock minute the checkpoint was written."""
+    from minimind_v.evaluate import evaluate
+
+    points = []
+    for run_dir in run_dirs:
+        for path, engine in checkpoint_engines(run_dir):
+            report, _ = evaluate(run_dir / "model", test, limit=limit, engine=engine)
+            points.append({"stage": run_dir.name, "step": int(path.name.split("-")[1]),
+                           "minutes": round(((path / "state.json").stat().st_mtime - wall_start) / 60, 3),
+                           "exact_match": report["exact_match"], "short": report["short"]["exact_match"],
+                           "long": report["long"]["exact_match"]})
+    return points
+
+
+def plot_curves(points: list[dict[str, Any]], stages: list[tuple[str, list[dict[str, Any]], float]],
+                out: Path) -> None:
+    """accuracy.png (exact match against minutes) and loss.png (both stages' training loss against minutes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for key, label in (("short", "short answers"), ("long", "descriptions"), ("exact_match", "all")):
+        xy = [(p["minutes"], 100 * p[key]) for p in points if p[key] is not None]
+        if xy:
+            ax.plot(*zip(*xy), "o-", label=label, markersize=4)
+    ax.set(xlabel="minutes since quickstart began", ylabel="held-out exact match (%)", ylim=(0, 100),
+           title="minimind-v quickstart: accuracy against time (2 CPU cores)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for name, records, offset_min in stages:
+        xy = [(offset_min + r["elapsed"] / 60, r["loss"]) for r in records if "loss" in r]
+        if xy:
+            ax.plot(*zip(*xy), label=f"{name} loss", linewidth=1.2)
+    ax.set(xlabel="minutes since quickstart began", ylabel="cross-entropy per answer token", yscale="log",
+           title="minimind-v quickstart: training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png")
+    plt.close(fig)
+
+
+def sample_chat(model_dir: Path, test: Path) -> list[dict[str, str]]:
+    """Ask the final model about the first held-out image, in both languages."""
+    from minimind_v.data.images import load_image
+    from minimind_v.infer.engine import Engine, SamplingParams
+
+    engine = Engine.load(model_dir, "cpu")
+    record = json.loads(test.read_text(encoding="utf-8").splitlines()[0])
+    image_path = test.parent / "images" / record["image"]
+    image = load_image(image_path)
+    questions = ["Describe the image in detail.", "How many objects are there?", "详细描述这张图片。"]
+    params = SamplingParams(max_new_tokens=96, temperature=0.0)
+    return [{"image": str(image_path), "question": q,
+             "answer": engine.chat([{"role": "user", "content": f"<image>\n{q}"}], [image], params).text}
+            for q in questions]
+
+
+# --- the command -----------------------------------------------------------------------------
+
+STEP_OVERHEAD = 1.25
+"""Data loading (PNG decoding, templating) on top of the timed model step, until a stage has measured it."""
+
+
+def main(opts: QuickstartOptions) -> int:
+    if opts.minutes <= 0 or opts.scale <= 0:
+        raise UserError("--minutes and --scale must be positive")
+    threads = torch.get_num_threads()
+    try:
+        return _run(opts)
+    finally:
+        torch.set_num_threads(threads)  # the run's choice (see fastest_threads) stays inside the run
+
+
+def _run(opts: QuickstartOptions) -> int:
+    from minimind_v.evaluate import evaluate, write_predictions
+    from minimind_v.train.build import resolve_start
+    from minimind_v.train.metrics import read_metrics
+
+    clock, wall_start = Clock(opts.minutes), time.time()
+    out, recipe = Path(opts.out), opts.recipe
+    prepare_out(out)
+    with clock.phase("synthetic world"):
+        data = write_world(out, opts.seed, recipe, opts.scale)
+    with clock.phase("tokenizer"):
+        tokenizer = train_world_tokenizer([data["captions"], data["qa"]], recipe.vocab_size, out / "tokenizer")
+    with clock.phase("planning"):
+        cfg = resolve_start("none", "tiny", str(out / "tokenizer"), None).cfg
+        began = time.perf_counter()
+        lengths = {k: mean_tokens(data[k], tokenizer, cfg) for k in ("captions", "qa")}
+        encode_s = (time.perf_counter() - began) / 400  # per sample: the trainer's set-up encodes each once
+        sizes = {k: sum(1 for _ in open(data[k], encoding="utf-8")) for k in ("captions", "qa")}
+        # A quarter batch is timed (cost is linear in the batch) to keep planning short.
+        threads, quarter_step = fastest_threads(cfg, max(1, recipe.batch_size // 4), round(lengths["captions"]))
+        caption_step = quarter_step * recipe.batch_size / max(1, recipe.batch_size // 4) * STEP_OVERHEAD
+    # Evaluation, the curve, the chat and a safety margin come after training: keep their time aside.
+    reserve = max(20.0, 0.12 * clock.budget)
+    caption_time = (clock.left() - reserve) * recipe.caption_share
+    caption_steps = steps_for(caption_time, caption_step, 3 + encode_s * sizes["captions"])
+    with clock.phase("stage 1: captions"):
+        first = run_stage("pretrain", data["captions"], sizes["captions"], out / "pretrain", "none",
+                          out / "tokenizer", caption_steps, recipe, opts.seed)
+    # Re-plan from what the first stage measured: seconds per token and set-up seconds per sample.
+    qa_step = first.seconds_per_token * lengths["qa"] * recipe.batch_size
+    qa_setup = first.setup_s * sizes["qa"] / sizes["captions"]
+    qa_steps = steps_for(clock.left() - reserve, qa_step, qa_setup)
+    with clock.phase("stage 2: questions and answers"):
+        second = run_stage("sft", data["qa"], sizes["qa"], out / "sft", str(out / "pretrain" / "model"),
+                           out / "tokenizer", qa_steps, recipe, opts.seed)
+    shutil.copytree(out / "sft" / "model", out / "model")
+    with clock.phase("evaluation"):
+        report, items = evaluate(out / "model", data["test"])
+        write_predictions(items, out / "predictions.jsonl")
+        (out / "eval.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    final_point = {"stage": "final", "step": second.steps, "minutes": round(clock.elapsed() / 60, 3),
+                   "exact_match": report["exact_match"], "short": report["short"]["exact_match"],
+                   "long": report["long"]["exact_match"]}
+    with clock.phase("accuracy curve"):
+        points = accuracy_curve([out / "pretrain", out / "sft"], data["test"], recipe.curve_samples, wall_start)
+        points.append(final_point)
+    with clock.phase("sample chat"):
+        chat = sample_chat(out / "model", data["test"])
+    stages = [(run.name, read_metrics(out / run.name / "metrics.jsonl"),
+               (out / run.name / "metrics.jsonl").stat().st_mtime / 60 - run.train_s / 60 - wall_start / 60)
+              for run in (first, second)]
+    plot_curves(points, stages, out)
+    (out / "accuracy.json").write_text(json.dumps(points, indent=2) + "\n")
+    summary = {"minutes": round(clock.elapsed() / 60, 2), "budget_minutes": opts.minutes, "seed": opts.seed,
+               "phases_s": clock.phases, "stages": [vars(first), vars(second)],
+               "plan": {"mean_tokens": lengths, "samples": sizes, "reserve_s": reserve, "threads": threads},
+               "eval": report, "accuracy_curve": points, "chat": chat}
+    (out / MARKER).write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    print_summary(summary, out)
+    return 0
+
+
+def print_summary(summary: dict[str, Any], out: Path) -> None:
+    report = summary["eval"]
+    lines = ["", f"quickstart finished in {summary['minutes']:.1f} min (budget {summary['budget_minutes']:g} min)",
+             "  " + ", ".join(f"{name} {seconds:.0f}s" for name, seconds in summary["phases_s"].items()), "",
+             f"held-out exact match on {report['scored']} questions about unseen scenes:",
+             f"  {'type':<10}{'n':>5}{'exact':>9}"]
+    for name, row in report["by_type"].items():
+        lines.append(f"  {name:<10}{row['n']:>5}{100 * row['exact_match']:>8.1f}%")
+    for name in ("short", "long"):
+        row = report[name]
+        if row["n"]:
+            lines.append(f"  {name + ' answers':<10}{row['n']:>5}{100 * row['exact_match']:>8.1f}%")
+    lines += ["", "sample chat (held-out image):"]
+    lines += [f"  Q: {c['question']}\n  A: {c['answer']}" for c in summary["chat"]]
+    image = summary["chat"][0]["image"]
+    lines += ["", f"model:   {out / 'model'}",
+              f"curves:  {out / 'accuracy.png'}, {out / 'loss.png'}  (data: {out / 'accuracy.json'})",
+              f"chat:    minimind-v chat --model {out / 'model'} --image {image} --prompt \"Describe the image in detail.\"",
+              f"web UI:  minimind-v web --model {out / 'model'}"]
+    print("\n".join(lines))

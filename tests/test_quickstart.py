@@ -1,0 +1,49 @@
+"""`minimind-v quickstart` end to end on a very small world and budget, and its guard rails."""
+
+import json
+
+import torch
+
+from minimind_v import cli
+from minimind_v.model.vlm import MiniMindVLM
+from minimind_v.quickstart import QuickstartOptions, Recipe, main, prepare_out, steps_for
+
+
+def test_quickstart_runs_end_to_end_and_writes_a_model(tmp_path, capsys):
+    out = tmp_path / "qs"
+    recipe = Recipe(caption_samples=24, qa_samples=24, test_samples=12, curve_samples=6, batch_size=8,
+                    checkpoints_per_stage=1, vocab_size=400)
+    threads = torch.get_num_threads()
+    assert main(QuickstartOptions(out=str(out), minutes=0.3, seed=1, recipe=recipe)) == 0
+    assert torch.get_num_threads() == threads  # the run's thread choice does not leak out
+
+    model = MiniMindVLM.from_pretrained(out / "model")
+    assert model.cfg.image_token_len == model.cfg.vision.num_patches
+    summary = json.loads((out / "quickstart.json").read_text(encoding="utf-8"))
+    assert [s["name"] for s in summary["stages"]] == ["pretrain", "sft"]
+    assert all(s["steps"] >= 1 for s in summary["stages"])
+    assert summary["eval"]["scored"] == 12 and summary["eval"]["by_type"]
+    curve = json.loads((out / "accuracy.json").read_text())
+    assert [p["stage"] for p in curve][-1] == "final" and len(curve) >= 3
+    assert all(0 <= p["minutes"] <= summary["minutes"] + 0.01 for p in curve)
+    for name in ("accuracy.png", "loss.png", "eval.json", "predictions.jsonl"):
+        assert (out / name).stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "held-out exact match" in printed and str(out / "model") in printed
+
+    # A later run may replace this directory: it carries the quickstart marker.
+    prepare_out(out)
+    assert [p.name for p in out.iterdir()] == ["quickstart.json"]
+
+
+def test_quickstart_refuses_a_directory_it_did_not_write(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    assert cli.main(["quickstart", "--out", str(tmp_path), "--minutes", "1"]) == 2
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+    assert cli.main(["quickstart", "--out", str(tmp_path / "new"), "--minutes", "0"]) == 2
+
+
+def test_step_budget_shrinks_with_a_slower_machine():
+    fast, slow = steps_for(600, 0.25, 20), steps_for(600, 0.75, 20)
+    assert fast == 2320 and slow == 773
+    assert steps_for(10, 5.0, 30) == 1  # never zero: a stage always trains at least one step
