@@ -29,7 +29,7 @@ def test_both_modes_report_and_agree_on_the_first_loss() -> None:
     assert result["feature_cache"]["encoded_once_untimed"] is True
     generation = result["generation"]
     assert generation["new_tokens"] == 100 and generation["new_tokens_per_s"] > 0
-    assert generation["prompt_tokens"] == 64 + 54  # the tiny preset's placeholder run + the text
+    assert generation["prompt_tokens"] == bench.bench_config("tiny").image_token_len + 54  # placeholder run + text
 
 
 def test_the_two_loops_supervise_the_same_targets() -> None:
@@ -93,6 +93,7 @@ def test_cli_prints_json_and_rejects_bad_flags(capsys: pytest.CaptureFixture[str
     assert "fast" in result and "naive" not in result and "speedup_fast_over_naive" not in result
     assert "generation" not in result
     assert cli.main(["bench", "--preset", "tiny", "--steps", "0"]) == 2
-    assert cli.main(["bench", "--preset", "tiny", "--max-seq-len", "70"]) == 2
+    no_room = bench.bench_config("tiny").image_token_len + 1  # the image fits, the prompt and answer do not
+    assert cli.main(["bench", "--preset", "tiny", "--max-seq-len", str(no_room)]) == 2
     assert cli.main(["bench", "--preset", "nope"]) == 2
     assert "Traceback" not in capsys.readouterr().err
