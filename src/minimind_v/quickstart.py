@@ -48,7 +48,7 @@ class Recipe:
     """BPE vocabulary of the world's tokenizer."""
     batch_size: int = 32
     """Samples per step."""
-    lr: float = 3e-3
+    lr: float = 2e-3
     """Peak learning rate of both stages."""
     caption_share: float = 0.3
     """Share of the training time given to the caption stage."""
@@ -99,7 +99,6 @@ class _Phase:
 
     def __exit__(self, *exc: Any) -> None:
         self.clock.phases[self.name] = round(time.perf_counter() - self.began, 2)
-
 
 
 # --- phases ----------------------------------------------------------------------------------
