@@ -9,7 +9,10 @@ from minimind_v.data.formats import BadSample
 from minimind_v.data.template import IGNORE_INDEX, build_prompt, encode_conversation, encode_text
 from minimind_v.data.tokenizer import load_tokenizer
 
-ORIGINAL = Path("/work/shared/reference/minimind2-v-tokenizer")
+# The original tokenizer lies in shared/ beside the checkout (never committed into it).
+ORIGINAL = next((p for p in (Path(__file__).resolve().parents[2] / "shared", Path("/work/shared"))
+                 if (p / "reference" / "minimind2-v-tokenizer").is_dir()),
+                Path("/work/shared")) / "reference" / "minimind2-v-tokenizer"
 
 
 @dataclass

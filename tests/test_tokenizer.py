@@ -12,7 +12,10 @@ from minimind_v import cli
 from minimind_v.data.tokenizer import corpus_texts, load_tokenizer
 from minimind_v.errors import UserError
 
-ORIGINAL = Path("/work/shared/reference/minimind2-v-tokenizer")
+# The original tokenizer lies in shared/ beside the checkout (never committed into it).
+ORIGINAL = next((p for p in (Path(__file__).resolve().parents[2] / "shared", Path("/work/shared"))
+                 if (p / "reference" / "minimind2-v-tokenizer").is_dir()),
+                Path("/work/shared")) / "reference" / "minimind2-v-tokenizer"
 
 CONVERSATIONS = [
     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
