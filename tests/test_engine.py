@@ -34,7 +34,8 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_config(vocab_size: int):
     cfg = presets.get_preset("tiny")
-    vision = dict(cfg.vision.init, hidden_size=32, intermediate_size=64, num_hidden_layers=1, image_size=32)
+    vision = dict(cfg.vision.init, hidden_size=32, intermediate_size=64, num_hidden_layers=1, image_size=32,
+                  patch_size=8)
     return dataclasses.replace(
         cfg, lm=dataclasses.replace(cfg.lm, vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2),
         vision=dataclasses.replace(cfg.vision, init=vision, hidden_size=32, image_size=32, num_patches=16),

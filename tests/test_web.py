@@ -36,7 +36,7 @@ class RecordingEngine:
         self.calls.append(call)
 
         def slowly(delta: str) -> None:
-            time.sleep(0.05)
+            time.sleep(0.2)  # slow enough that a poll on a busy machine still sees several lengths
             on_text(delta)
         done = self.engine.chat(messages, images, params, on_text=slowly)
         call.text = done.text
