@@ -95,6 +95,15 @@ def test_stages_chain_and_write_model_metrics_plot(world, tokenizer_dir, tmp_pat
     assert not torch.equal(sft_vision[key], pre_vision[key])  # --freeze all: the tower learned
 
 
+def test_max_minutes_stops_early_and_still_writes_the_model(world, tokenizer_dir, tmp_path):
+    out = tmp_path / "timed"
+    # A limit far below one step's time: the run stops after its first step, saved like any finished run.
+    assert train(*lm_args(world, tokenizer_dir, out, "--max-steps", "5", "--max-minutes", "1e-6")) == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert (out / "model" / "model.safetensors").is_file() and (out / "loss.png").is_file()
+    assert train(*lm_args(world, tokenizer_dir, tmp_path / "x", "--max-minutes", "0")) == 2
+
+
 def test_too_many_bad_samples_stop_with_exit_2(world, tokenizer_dir, tmp_path, capsys):
     data = tmp_path / "bad.jsonl"
     lines = (world / "train.jsonl").read_text().splitlines()[:18] + ["{not json", '{"conversations": 3}']

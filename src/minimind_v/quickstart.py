@@ -218,8 +218,11 @@ class StageRun:
 
 
 def run_stage(stage: str, data: Path, n_samples: int, run_dir: Path, from_: str, tokenizer_dir: Path, steps: int,
-              recipe: Recipe, seed: int) -> StageRun:
-    """One stage through the real trainer (`minimind-v train`), everything learning, tower included."""
+              train_seconds: float, recipe: Recipe, seed: int) -> StageRun:
+    """One stage through the real trainer (`minimind-v train`), everything learning, tower included.
+
+    `steps` is the plan; `train_seconds` caps the training loop in case the machine turns out slower than planned.
+    """
     from minimind_v.train.loop import TrainOptions
     from minimind_v.train.loop import main as train_main
     from minimind_v.train.metrics import read_metrics
@@ -227,7 +230,8 @@ def run_stage(stage: str, data: Path, n_samples: int, run_dir: Path, from_: str,
     save_every = max(1, math.ceil(steps / recipe.checkpoints_per_stage))
     opts = TrainOptions(stage=stage, data=str(data), out=str(run_dir), from_=from_, preset="tiny",
                         tokenizer=str(tokenizer_dir), batch_size=recipe.batch_size, lr=recipe.lr, max_seq_len=512,
-                        epochs=math.ceil(steps * recipe.batch_size / n_samples) + 1, max_steps=steps, seed=seed, freeze="all", group_by_length=True,
+                        epochs=math.ceil(steps * recipe.batch_size / n_samples) + 1, max_steps=steps,
+                        max_minutes=max(train_seconds, 1.0) / 60, seed=seed, freeze="all", group_by_length=True,
                         save_every=save_every, keep_checkpoints=recipe.checkpoints_per_stage + 1, log_every=10,
                         device="cpu", set_=[f"warmup_steps={max(1, min(50, steps // 10))}"])
     began = time.perf_counter()
@@ -366,17 +370,18 @@ def _run(opts: QuickstartOptions) -> int:
     # Evaluation, the curve, the chat and a safety margin come after training: keep their time aside.
     reserve = max(20.0, 0.12 * clock.budget)
     caption_time = (clock.left() - reserve) * recipe.caption_share
-    caption_steps = steps_for(caption_time, caption_step, 3 + encode_s * sizes["captions"])
+    caption_setup = 3 + encode_s * sizes["captions"]
+    caption_steps = steps_for(caption_time, caption_step, caption_setup)
     with clock.phase("stage 1: captions"):
         first = run_stage("pretrain", data["captions"], sizes["captions"], out / "pretrain", "none",
-                          out / "tokenizer", caption_steps, recipe, opts.seed)
+                          out / "tokenizer", caption_steps, caption_time - caption_setup, recipe, opts.seed)
     # Re-plan from what the first stage measured: seconds per token and set-up seconds per sample.
     qa_step = first.seconds_per_token * lengths["qa"] * recipe.batch_size
     qa_setup = first.setup_s * sizes["qa"] / sizes["captions"]
     qa_steps = steps_for(clock.left() - reserve, qa_step, qa_setup)
     with clock.phase("stage 2: questions and answers"):
         second = run_stage("sft", data["qa"], sizes["qa"], out / "sft", str(out / "pretrain" / "model"),
-                           out / "tokenizer", qa_steps, recipe, opts.seed)
+                           out / "tokenizer", qa_steps, clock.left() - reserve - qa_setup, recipe, opts.seed)
     shutil.copytree(out / "sft" / "model", out / "model")
     with clock.phase("evaluation"):
         report, items = evaluate(out / "model", data["test"])

@@ -51,6 +51,8 @@ class TrainOptions:
     """Passes over the data (default: the stage's)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps."""
+    max_minutes: float | None = None
+    """Stop (saving the model) once the training loop has run this long; the schedule is not re-planned."""
     seed: int = 42
     """Seeds initialisation, data order and dropout; the same seed gives the same run."""
     freeze: Literal["projector", "projector+ends", "llm", "all"] | None = None
@@ -102,6 +104,8 @@ def main(opts: TrainOptions) -> int:
 
 
 def _check_options(opts: TrainOptions) -> None:
+    if opts.max_minutes is not None and opts.max_minutes <= 0:
+        raise UserError(f"--max-minutes {opts.max_minutes}: must be positive")
     for name in ("batch_size", "max_seq_len", "epochs", "max_steps"):
         value = getattr(opts, name)
         if value is not None and value < 1:

@@ -194,6 +194,8 @@ class Session:
         loader = self._loader(self.dataset, [batches[i] for _, indices in schedule for i in indices])
         micro = iter(loader)
         for position_after, indices in schedule:
+            if self.step >= self.total_steps:
+                break  # --max-minutes ended the run early
             self._step([next(micro) for _ in indices])
             self.epoch, self.position = epoch, position_after
             self.samples_done = sum(len(b) for b in batches[:position_after])
@@ -230,6 +232,15 @@ class Session:
         self.step += 1
         self.bar.update(1)
 
+    def _out_of_time(self) -> bool:
+        """--max-minutes reached; every process stops at the same step (rank 0's clock decides)."""
+        if self.opts.max_minutes is None:
+            return False
+        over = torch.tensor(float(time.perf_counter() - self.started > 60 * self.opts.max_minutes), device=self.device)
+        if self.info.enabled:
+            torch.distributed.broadcast(over, src=0)
+        return bool(over)
+
     def _reset_window(self) -> None:
         self.window_ce = torch.zeros((), device=self.device)
         self.window_supervised, self.window_tokens = 0, 0
@@ -237,6 +248,8 @@ class Session:
 
     def _after_step(self) -> None:
         opts, step = self.opts, self.step
+        if step < self.total_steps and self._out_of_time():
+            self.total_steps = step
         last = step >= self.total_steps
         evaluate = self.val is not None and (last or (opts.eval_every and step % opts.eval_every == 0))
         save = last or (opts.save_every and step % opts.save_every == 0)
