@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from minimind_v.errors import UserError
@@ -50,6 +51,8 @@ def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `minimind-v eval ... | head` ends quietly, as a Unix tool should
     argv = list(sys.argv[1:] if argv is None else argv)
     name, rest = _split_command(argv)
     if name is None:
