@@ -18,6 +18,18 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def original_tokenizer_dir():
+    """The original MiniMind-V tokenizer, from shared/ beside the checkout (never committed into it); skips if absent."""
+    from pathlib import Path
+
+    for shared in (Path(__file__).resolve().parents[2] / "shared", Path("/work/shared")):
+        path = shared / "reference" / "minimind2-v-tokenizer"
+        if path.is_dir():
+            return path
+    pytest.skip("original tokenizer not found in shared/reference/ beside the checkout")
+
+
+@pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """A throwaway byte-level BPE tokenizer (minimind-v's own: ids 0-3 special, ChatML), trained in-process."""
     from minimind_v.data.tokenizer import save_tokenizer, train_tokenizer

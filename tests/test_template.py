@@ -1,7 +1,6 @@
 """Loss masks from the chat template, image placeholders at the token level, truncation, prompts."""
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -9,10 +8,6 @@ from minimind_v.data.formats import BadSample
 from minimind_v.data.template import IGNORE_INDEX, build_prompt, encode_conversation, encode_text
 from minimind_v.data.tokenizer import load_tokenizer
 
-# The original tokenizer lies in shared/ beside the checkout (never committed into it).
-ORIGINAL = next((p for p in (Path(__file__).resolve().parents[2] / "shared", Path("/work/shared"))
-                 if (p / "reference" / "minimind2-v-tokenizer").is_dir()),
-                Path("/work/shared")) / "reference" / "minimind2-v-tokenizer"
 
 
 @dataclass
@@ -32,9 +27,8 @@ CHAT = [
 
 @pytest.fixture(params=["trained", "original"])
 def tok_and_image(request, tokenizer_dir):
-    if request.param == "original" and not ORIGINAL.is_dir():
-        pytest.skip(f"original tokenizer not at {ORIGINAL}")
-    return load_tokenizer(tokenizer_dir if request.param == "trained" else ORIGINAL), \
+    path = tokenizer_dir if request.param == "trained" else request.getfixturevalue("original_tokenizer_dir")
+    return load_tokenizer(path), \
         Placeholder(3, 5) if request.param == "trained" else Placeholder(34, 7)
 
 

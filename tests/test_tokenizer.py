@@ -1,7 +1,6 @@
 """The tokenizer command: special ids, a template equal to the original's, loadable by transformers."""
 
 import json
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,10 +11,6 @@ from minimind_v import cli
 from minimind_v.data.tokenizer import corpus_texts, load_tokenizer
 from minimind_v.errors import UserError
 
-# The original tokenizer lies in shared/ beside the checkout (never committed into it).
-ORIGINAL = next((p for p in (Path(__file__).resolve().parents[2] / "shared", Path("/work/shared"))
-                 if (p / "reference" / "minimind2-v-tokenizer").is_dir()),
-                Path("/work/shared")) / "reference" / "minimind2-v-tokenizer"
 
 CONVERSATIONS = [
     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
@@ -36,11 +31,10 @@ def test_special_tokens_and_loading(tokenizer_dir):
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
 
 
-@pytest.mark.skipif(not ORIGINAL.is_dir(), reason=f"original tokenizer not at {ORIGINAL}")
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 @pytest.mark.parametrize("generation_prompt", [False, True])
-def test_template_renders_like_the_original(tokenizer_dir, messages, generation_prompt):
-    ours, original = load_tokenizer(tokenizer_dir), load_tokenizer(ORIGINAL)
+def test_template_renders_like_the_original(tokenizer_dir, original_tokenizer_dir, messages, generation_prompt):
+    ours, original = load_tokenizer(tokenizer_dir), load_tokenizer(original_tokenizer_dir)
     kwargs = {"tokenize": False, "add_generation_prompt": generation_prompt}
     assert ours.apply_chat_template(messages, **kwargs) == original.apply_chat_template(messages, **kwargs)
 

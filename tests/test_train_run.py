@@ -35,15 +35,6 @@ SMALL_VISION = ["--set", 'model.vision.init={"model_type": "clip_vision_model", 
                 "--set", "model.vision.num_patches=16", "--set", "model.image_token_len=16"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices on a shared 2-core machine: a second thread only waits for the first one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")

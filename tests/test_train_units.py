@@ -19,15 +19,6 @@ IMG = 3  # placeholder id
 N_PATCH = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices on a shared 2-core machine: a second thread only waits for the first one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_vlm(dropout: float = 0.0) -> MiniMindVLM:
     torch.manual_seed(0)
     cfg = VLMConfig(

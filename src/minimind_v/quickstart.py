@@ -294,11 +294,7 @@ def plot_curves(points: list[dict[str, Any]], stages: list[tuple[str, list[dict[
             ax.plot(*zip(*xy), "o-", label=label, markersize=4)
     ax.set(xlabel="minutes since quickstart began", ylabel="held-out exact match (%)", ylim=(0, 100),
            title="minimind-v quickstart: accuracy against time (2 CPU cores)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png")
-    plt.close(fig)
+    _save(fig, ax, out / "accuracy.png")
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for name, records, offset_min in stages:
@@ -307,10 +303,16 @@ def plot_curves(points: list[dict[str, Any]], stages: list[tuple[str, list[dict[
             ax.plot(*zip(*xy), label=f"{name} loss", linewidth=1.2)
     ax.set(xlabel="minutes since quickstart began", ylabel="cross-entropy per answer token", yscale="log",
            title="minimind-v quickstart: training loss")
+    _save(fig, ax, out / "loss.png")
+
+
+def _save(fig: Any, ax: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "loss.png")
+    fig.savefig(path)
     plt.close(fig)
 
 
