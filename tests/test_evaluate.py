@@ -17,8 +17,8 @@ def test_score_per_type_short_and_long_with_known_answers():
         Item(1, "color", "blue", prediction=" blue. "),  # whitespace and a trailing period are forgiven
         Item(2, "color", "green", prediction="Green"),  # case is not
         Item(3, "count", "3", prediction="three"),
-        Item(4, "describe", "There is a big red circle at the top.", prediction="There is a big red circle at the top"),
-        Item(5, "describe", "左上有一个小红色圆形。", prediction="左上有一个小蓝色圆形。"),
+        Item(4, "describe", "top: big red circle.", prediction="top: big red circle"),
+        Item(5, "describe", "左上：小红色圆形。", prediction="左上：小蓝色圆形。"),
         Item(6, "count", None, prediction="2"),  # blank reference: answered, not scored
         Item(7, "shape", "circle", error="bad_image: cannot decode"),  # could not be asked: wrong
     ]

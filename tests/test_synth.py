@@ -49,25 +49,32 @@ def _find(scene, lang, phrase):
     return hits[0]
 
 
+def _keyed(lang, key, value):
+    return f"{key}：{value}" if lang == "zh" else f"{key}: {value}"
+
+
 def _oracle(question, scene, lang):
-    """The answer to one question, derived from the scene record."""
+    """The answer to one question, derived from the scene record; lookups answer "what was asked: what is there"."""
     yes, no = ("yes", "no") if lang == "en" else ("是", "否")
     at = {name: i for i, name in enumerate(CELLS[lang])}
     by_cell = {_cell(o): o for o in scene}
     en = lang == "en"
+    attribute = {"color": "color", "shape": "shape", "颜色": "color", "形状": "shape"}
     patterns = [
         (r"What (color|shape) is the object at the (.+)\?" if en else r"(.+)的物体是什么(颜色|形状)？",
-         lambda m: _word(lang, by_cell[at[m[2] if en else m[1]]][
-             {"color": "color", "shape": "shape", "颜色": "color", "形状": "shape"}[m[1] if en else m[2]]])),
+         lambda m: _keyed(lang, m[2] if en else m[1],
+                          _word(lang, by_cell[at[m[2] if en else m[1]]][attribute[m[1] if en else m[2]]]))),
         (r"Is the object at the (.+) big or small\?" if en else r"(.+)的物体是大还是小？",
-         lambda m: _word(lang, by_cell[at[m[1]]]["size"])),
+         lambda m: _keyed(lang, m[1], _word(lang, by_cell[at[m[1]]]["size"]))),
         (r"How many objects are there\?" if en else r"图中有几个物体？", lambda m: str(len(scene))),
         (r"How many (\w+) objects are there\?" if en else r"图中有几个(.+)物体？",
-         lambda m: str(sum(_word(lang, o["color"]) == m[1] for o in scene))),
-        (r"Where is the (.+)\?" if en else r"(.+)在哪里？", lambda m: CELLS[lang][_cell(_find(scene, lang, m[1]))]),
+         lambda m: _keyed(lang, m[1], str(sum(_word(lang, o["color"]) == m[1] for o in scene)))),
+        (r"Where is the (.+)\?" if en else r"(.+)在哪里？",
+         lambda m: _keyed(lang, m[1], CELLS[lang][_cell(_find(scene, lang, m[1]))])),
         (r"Is there a (\w+) (\w+)\?" if en else r"图中有(..)(.+)吗？",
-         lambda m: yes if any(_word(lang, o["color"]) == m[1] and _word(lang, o["shape"]) == m[2]
-                              for o in scene) else no),
+         lambda m: _keyed(lang, f"{m[1]} {m[2]}" if en else m[1] + m[2],
+                          yes if any(_word(lang, o["color"]) == m[1] and _word(lang, o["shape"]) == m[2]
+                                     for o in scene) else no)),
         (r"Is the (.+) to the left of the (.+)\?" if en else r"(.+)在(.+)的左边吗？",
          lambda m: yes if _find(scene, lang, m[1])["col"] < _find(scene, lang, m[2])["col"] else no),
         (r"Is the (.+) above the (.+)\?" if en else r"(.+)在(.+)的上面吗？",
@@ -83,11 +90,11 @@ def _oracle(question, scene, lang):
 def _parse_description(text, lang):
     """A description back into (cell, size, colour, shape) tuples, in the order written."""
     if lang == "en":
-        assert text.startswith("There is ") and text.endswith(".")
-        found = re.findall(r"a (small|big) (\w+) (\w+) at the ([a-z ]+?)(?:,| and |\.)", text)
-        return [(CELLS["en"].index(p), s, c, sh) for s, c, sh, p in found]
+        assert text.endswith(".")
+        found = [re.fullmatch(r"([a-z ]+): (small|big) (\w+) (\w+)", part).groups() for part in text[:-1].split("; ")]
+        return [(CELLS["en"].index(p), s, c, sh) for p, s, c, sh in found]
     inverse = {v: k for k, v in ZH.items()}
-    found = re.findall(r"(..)有一个(大|小)(..)(三角形|正方形|..)[，。]", text)
+    found = re.findall(r"(..)：(大|小)(..)(三角形|正方形|..)[；。]", text)
     return [(CELLS["zh"].index(p), inverse[s], inverse[c], inverse[sh]) for p, s, c, sh in found]
 
 
