@@ -70,3 +70,20 @@ def test_unreachable_hub_id_is_a_one_line_user_error():
     with pytest.raises(UserError, match="minimind-v download") as err:
         VisionTower(VisionConfig(name_or_path="nobody/no-such-vision-tower"))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("family", ["clip_vision_model", "siglip_vision_model"])
+def test_position_init_std_sets_only_the_position_table_of_a_new_tower(family):
+    init = {"model_type": family, **SMALL, "image_size": 32, "patch_size": 8}
+    cfg = VisionConfig(name_or_path=None, init=init, hidden_size=32, image_size=32, num_patches=16, freeze=False)
+    torch.manual_seed(0)
+    default = VisionTower(cfg)
+    torch.manual_seed(0)
+    wide = VisionTower(VisionConfig(**{**vars(cfg), "position_init_std": 0.5}))
+    positions = [n for n, _ in wide.named_parameters() if "position_embedding" in n]
+    assert positions
+    for (name, a), (_, b) in zip(default.named_parameters(), wide.named_parameters()):
+        if name in positions:
+            assert 0.4 < b.std().item() < 0.6 and a.std().item() < 0.3
+        else:
+            assert torch.equal(a, b), name

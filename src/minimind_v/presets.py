@@ -17,18 +17,21 @@ PRESETS: dict[str, VLMConfig] = {
     # The original MoE variant: 4 routed experts, top-2, one shared expert.
     "minimind2-small-v-moe": VLMConfig(lm=LMConfig(hidden_size=512, num_hidden_layers=8, use_moe=True),
                                        vision=_CLIP_B16),
-    # For tests and the CPU quickstart: a small CLIP tower trained from scratch on 48x48 images, 8x8 patches
-    # (the synthetic world's 3x3 grid cells are 16x16, so every cell is exactly 2x2 patches).
+    # For tests and the CPU quickstart: a CLIP tower trained from scratch on 48x48 images in 16x16 patches, so
+    # each cell of the synthetic world's 3x3 grid is exactly one patch (9 image tokens). The tower has no
+    # transformer layer (patch embedding + position + LayerNorm; the projector's MLP is the nonlinearity): on
+    # 2 CPU cores a 1-layer tower learned colours several times slower. Its position embeddings start at std
+    # 0.5 rather than 0.02, so that the language model can tell the cells apart from the first step.
     "tiny": VLMConfig(
         lm=LMConfig(vocab_size=1024, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=2048),
         vision=VisionConfig(
             name_or_path="vision",
             init={"model_type": "clip_vision_model", "hidden_size": 128, "intermediate_size": 256,
-                  "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 48, "patch_size": 8,
+                  "num_hidden_layers": 0, "num_attention_heads": 4, "image_size": 48, "patch_size": 16,
                   "num_channels": 3},
-            hidden_size=128, image_size=48, num_patches=36, freeze=False),
-        projector="mlp", image_token="<|image_pad|>", image_token_id=3, image_token_len=36,
+            hidden_size=128, image_size=48, num_patches=9, freeze=False, position_init_std=0.5),
+        projector="mlp", image_token="<|image_pad|>", image_token_id=3, image_token_len=9,
     ),
 }
 

@@ -78,6 +78,10 @@ class VisionConfig:
     """Patch features per image after dropping CLS: (image_size / patch_size) ** 2."""
     freeze: bool = True
     """Keep the tower's weights fixed (the original's choice)."""
+    position_init_std: float | None = None
+    """A tower built from scratch (init): draw its position embeddings with this std instead of the
+    Hugging Face default (0.02, tiny next to the patch embedding), so that where a patch sits is
+    visible from the first step. None keeps the default."""
 
 
 @dataclass

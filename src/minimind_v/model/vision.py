@@ -44,6 +44,8 @@ class VisionTower(nn.Module):
             self.family = family_of(init.get("model_type", ""))
             config = AutoConfig.for_model(init.pop("model_type"), **init)
             self.model = FAMILIES[self.family](config)
+            if cfg.position_init_std is not None:
+                _init_positions(self.model, cfg.position_init_std)
         else:
             self.family, self.model = _load_pretrained(self.source)
         self.frozen = cfg.freeze
@@ -74,6 +76,14 @@ class VisionTower(nn.Module):
         mask = torch.ones(N, h * w, dtype=torch.long, device=pixel_values.device)
         shapes = torch.tensor([[h, w]] * N, dtype=torch.long, device=pixel_values.device)
         return self.model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes).last_hidden_state
+
+
+def _init_positions(model: nn.Module, std: float) -> None:
+    tables = [m for name, m in model.named_modules() if name.endswith("position_embedding") and isinstance(m, nn.Embedding)]
+    if not tables:
+        raise UserError("vision.position_init_std: this tower has no position embedding table")
+    for table in tables:
+        nn.init.normal_(table.weight, mean=0.0, std=std)
 
 
 @contextlib.contextmanager
