@@ -60,7 +60,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
         cfg, lm=dataclasses.replace(cfg.lm, vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2),
         vision=dataclasses.replace(cfg.vision, init=dict(cfg.vision.init, hidden_size=32, intermediate_size=64,
                                                          num_hidden_layers=1, image_size=32, patch_size=8),
-                                   hidden_size=32, image_size=32, num_patches=16),
+                                   hidden_size=32, image_size=32, num_patches=16, position_init_std=None),
         image_token_len=16)
     torch.manual_seed(0)
     model = MiniMindVLM(cfg)

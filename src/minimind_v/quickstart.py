@@ -48,9 +48,9 @@ class Recipe:
     """BPE vocabulary of the world's tokenizer."""
     batch_size: int = 32
     """Samples per step."""
-    lr: float = 2e-3
+    lr: float = 1e-3
     """Peak learning rate of both stages."""
-    caption_share: float = 0.3
+    caption_share: float = 0.2
     """Share of the training time given to the caption stage."""
     checkpoints_per_stage: int = 3
     """Checkpoints evaluated for the curve in each stage (besides the final model)."""
