@@ -50,6 +50,7 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--tower-layers", type=int, default=0)
     p.add_argument("--position-std", type=float, default=None, help="re-draw the tower's position embeddings")
     p.add_argument("--eval-every", type=int, default=400)
+    p.add_argument("--grouped", action="store_true", help="batches of similar length (as the trainer's --group-by-length)")
     return p.parse_args()
 
 
@@ -146,10 +147,21 @@ def main() -> None:
         lm.train()
         return " ".join(f"{k} {100 * np.mean(v):.0f}%" for k, v in sorted(right.items()))
 
+    def epoch_order(rng: random.Random) -> list[int]:
+        perm = rng.sample(range(len(train_set)), len(train_set))
+        if not args.grouped:
+            return perm
+        size = args.batch
+        chunks = [sorted(perm[i:i + 16 * size], key=lambda j: len(train_set[j][0][0]))
+                  for i in range(0, len(perm), 16 * size)]
+        batches = [c[i:i + size] for c in chunks for i in range(0, len(c), size)]
+        rng.shuffle(batches)
+        return [j for b in batches if len(b) == size for j in b]
+
     rng, order, step, start = random.Random(0), [], 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < args.seconds:
         if len(order) < args.batch:
-            order += rng.sample(range(len(train_set)), len(train_set))
+            order += epoch_order(rng)
         batch, order = order[:args.batch], order[args.batch:]
         lr = args.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * elapsed / args.seconds)))
         for group in optimizer.param_groups:

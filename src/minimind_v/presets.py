@@ -19,9 +19,11 @@ PRESETS: dict[str, VLMConfig] = {
                                        vision=_CLIP_B16),
     # For tests and the CPU quickstart: a CLIP tower trained from scratch on 48x48 images in 16x16 patches, so
     # each cell of the synthetic world's 3x3 grid is exactly one patch (9 image tokens). The tower has no
-    # transformer layer (patch embedding + position + LayerNorm; the projector's MLP is the nonlinearity): on
-    # 2 CPU cores a 1-layer tower learned colours several times slower. Its position embeddings start at std
-    # 0.5 rather than 0.02, so that the language model can tell the cells apart from the first step.
+    # transformer layer (patch embedding + position + LayerNorm; the projector's MLP is the nonlinearity): in
+    # prototype runs on 2 CPU cores a 1-layer tower learned colours slower. Its position embeddings start at std
+    # 0.5 rather than 0.02, so that a patch's position is not ~4% of its embedding; with length-grouped batches
+    # this helped colour in scripts/probe_world.py (72% vs 26% at ~1,250 steps), with random batches it did
+    # not (28% vs 24%): single runs, not yet a settled result.
     "tiny": VLMConfig(
         lm=LMConfig(vocab_size=1024, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=2048),
