@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 import time
 
 import numpy as np
@@ -27,6 +26,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from minimind_v.data import synth
+from minimind_v.data.batching import BatchPlan
 from minimind_v.model.config import LMConfig
 from minimind_v.model.llm import MiniMindLM
 
@@ -50,7 +50,7 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--tower-layers", type=int, default=0)
     p.add_argument("--position-std", type=float, default=None, help="re-draw the tower's position embeddings")
     p.add_argument("--eval-every", type=int, default=400)
-    p.add_argument("--grouped", action="store_true", help="batches of similar length (as the trainer's --group-by-length)")
+    p.add_argument("--grouped", action="store_true", help="batches of similar length (the trainer's --group-by-length)")
     return p.parse_args()
 
 
@@ -147,22 +147,15 @@ def main() -> None:
         lm.train()
         return " ".join(f"{k} {100 * np.mean(v):.0f}%" for k, v in sorted(right.items()))
 
-    def epoch_order(rng: random.Random) -> list[int]:
-        perm = rng.sample(range(len(train_set)), len(train_set))
-        if not args.grouped:
-            return perm
-        size = args.batch
-        chunks = [sorted(perm[i:i + 16 * size], key=lambda j: len(train_set[j][0][0]))
-                  for i in range(0, len(perm), 16 * size)]
-        batches = [c[i:i + size] for c in chunks for i in range(0, len(c), size)]
-        rng.shuffle(batches)
-        return [j for b in batches if len(b) == size for j in b]
-
-    rng, order, step, start = random.Random(0), [], 0, time.perf_counter()
+    # The trainer's batching, over groups of 16 batches when --grouped.
+    plan = BatchPlan(np.array([len(ids) for (ids, _), _ in train_set]), args.batch,
+                     "grouped" if args.grouped else "random", drop_last=True, group_factor=16)
+    batches: list[list[int]] = []
+    epoch, step, start = 0, 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < args.seconds:
-        if len(order) < args.batch:
-            order += epoch_order(rng)
-        batch, order = order[:args.batch], order[args.batch:]
+        if not batches:
+            batches, epoch = [b for b in plan.batches(epoch) if len(b) == args.batch], epoch + 1
+        batch = batches.pop()
         lr = args.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * elapsed / args.seconds)))
         for group in optimizer.param_groups:
             group["lr"] = lr
