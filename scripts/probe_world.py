@@ -51,7 +51,13 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--position-std", type=float, default=None, help="re-draw the tower's position embeddings")
     p.add_argument("--eval-every", type=int, default=400)
     p.add_argument("--grouped", action="store_true", help="batches of similar length (the trainer's --group-by-length)")
-    return p.parse_args()
+    args = p.parse_args()
+    unknown = set(args.types.split(",")) - set(synth.QUESTION_TYPES)
+    if unknown:
+        p.error(f"--types: unknown {', '.join(sorted(unknown))} (known: {', '.join(synth.QUESTION_TYPES)})")
+    if args.patch < 1 or 48 % args.patch:
+        p.error(f"--patch {args.patch}: must divide the 48 px image")
+    return args
 
 
 class SymbolicCells(nn.Module):

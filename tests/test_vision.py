@@ -87,3 +87,11 @@ def test_position_init_std_sets_only_the_position_table_of_a_new_tower(family):
             assert 0.4 < b.std().item() < 0.6 and a.std().item() < 0.3
         else:
             assert torch.equal(a, b), name
+
+
+def test_position_init_std_must_be_positive():
+    init = {"model_type": "clip_vision_model", **SMALL, "image_size": 32, "patch_size": 8}
+    cfg = VisionConfig(name_or_path=None, init=init, hidden_size=32, image_size=32, num_patches=16, freeze=False,
+                       position_init_std=-0.5)
+    with pytest.raises(UserError, match="position_init_std -0.5: must be positive"):
+        VisionTower(cfg)

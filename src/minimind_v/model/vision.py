@@ -79,6 +79,8 @@ class VisionTower(nn.Module):
 
 
 def _init_positions(model: nn.Module, std: float) -> None:
+    if not std > 0:
+        raise UserError(f"vision.position_init_std {std}: must be positive")
     tables = [m for name, m in model.named_modules() if name.endswith("position_embedding") and isinstance(m, nn.Embedding)]
     if not tables:
         raise UserError("vision.position_init_std: this tower has no position embedding table")
