@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from minimind_v import cli
+from minimind_v.data.template import CHAT_TEMPLATE, render, render_chatml
 from minimind_v.data.tokenizer import corpus_texts, load_tokenizer
 from minimind_v.errors import UserError
 
@@ -39,6 +40,18 @@ def test_template_renders_like_the_original(tokenizer_dir, original_tokenizer_di
     assert ours.apply_chat_template(messages, **kwargs) == original.apply_chat_template(messages, **kwargs)
 
 
+@pytest.mark.parametrize("messages", CONVERSATIONS + [
+    [{"role": "user", "content": "a"}, {"role": "system", "content": "late"}, {"role": "assistant", "content": "b"}],
+    [{"role": "system", "content": ""}]])
+@pytest.mark.parametrize("generation_prompt", [False, True])
+def test_python_rendering_equals_the_template(tokenizer_dir, messages, generation_prompt):
+    # Training renders our own template in Python (data/template.render_chatml); jinja must agree exactly.
+    tok = load_tokenizer(tokenizer_dir)
+    assert tok.chat_template == CHAT_TEMPLATE
+    jinja = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    assert render_chatml(messages, generation_prompt) == jinja == render(tok, messages, generation_prompt)
+
+
 def test_command_trains_from_jsonl_and_parquet(tmp_path):
     jsonl = tmp_path / "a.jsonl"
     jsonl.write_text(json.dumps({"conversations": [{"role": "user", "content": "<image>\nzebra zebra"},
@@ -47,11 +60,27 @@ def test_command_trains_from_jsonl_and_parquet(tmp_path):
     convs = json.dumps([{"role": "user", "content": "quokka"}, {"role": "assistant", "content": "quokka"}])
     pq.write_table(pa.table({"conversations": [convs] * 3}), parquet)
     texts = list(corpus_texts([str(jsonl), str(parquet)]))
-    assert texts[0] == "\nzebra zebra" and "quokka" in texts
+    # Turns as the template lays them out between special tokens, the default system turn included.
+    assert texts[:3] == ["system\nYou are a helpful assistant", "user\n\nzebra zebra", "assistant\nzebra"]
+    assert "user\nquokka" in texts
     out = tmp_path / "tok"
     assert cli.main(["tokenizer", "--corpus", str(jsonl), str(parquet), "--vocab-size", "300", "--out", str(out)]) == 0
     tok = load_tokenizer(out)
     assert len(tok) <= 300 and tok.convert_tokens_to_ids("<|image_pad|>") == 3
+
+
+def test_template_words_get_their_own_tokens(tmp_path):
+    # Role names and the default system prompt are in every sample: a tokenizer trained on the data alone
+    # spelt "assistant" in 8 tokens and the system prompt in 22.
+    data = tmp_path / "a.jsonl"
+    rows = [{"conversations": [{"role": "user", "content": f"what is {i}?"}, {"role": "assistant", "content": str(i)}]}
+            for i in range(200)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "tok"
+    assert cli.main(["tokenizer", "--corpus", str(data), "--vocab-size", "300", "--out", str(out)]) == 0
+    tok = load_tokenizer(out)
+    for text, most in (("assistant", 1), ("user", 1), ("system", 1), ("You are a helpful assistant", 5)):
+        assert len(tok(text, add_special_tokens=False).input_ids) <= most, text
 
 
 def test_errors_name_the_path(tmp_path):

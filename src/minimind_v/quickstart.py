@@ -26,8 +26,6 @@ from minimind_v.errors import UserError
 
 MARKER = "quickstart.json"
 """Written into OUT: a directory holding it may be cleared and rebuilt by the next quickstart."""
-SYSTEM_PROMPT = "You are a helpful assistant"
-"""The chat template's default system turn; in the tokenizer corpus so that it costs few tokens."""
 
 
 @dataclass
@@ -134,11 +132,7 @@ def write_world(out: Path, seed: int, recipe: Recipe, scale: float) -> dict[str,
 def train_world_tokenizer(corpus: list[Path], vocab_size: int, out: Path) -> Any:
     from minimind_v.data.tokenizer import corpus_texts, save_tokenizer, train_tokenizer
 
-    def texts() -> Any:
-        yield from [SYSTEM_PROMPT] * 200
-        yield from corpus_texts([str(p) for p in corpus])
-
-    tokenizer = train_tokenizer(texts(), vocab_size)
+    tokenizer = train_tokenizer(corpus_texts([str(p) for p in corpus]), vocab_size)
     save_tokenizer(tokenizer, out)
     return tokenizer
 

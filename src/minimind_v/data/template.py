@@ -68,7 +68,39 @@ def with_image_markers(messages: list[dict[str, str]], n_images: int) -> list[di
     raise BadSample("marker_mismatch", f"{markers} {IMAGE_MARKER} marker(s) for {n_images} image(s)")
 
 
+DEFAULT_SYSTEM = "You are a helpful assistant"
+"""The system turn CHAT_TEMPLATE writes when a conversation has none."""
+
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else -%}"
+    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if not (loop.first and message['role'] == 'system') -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+"""The ChatML template of tokenizers trained by `minimind-v tokenizer`; renders as the original MiniMind's."""
+
+
+def render_chatml(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    """CHAT_TEMPLATE in plain Python (tests check it renders the same text as the template itself)."""
+    system = messages[0]["content"] if messages[0]["role"] == "system" else DEFAULT_SYSTEM
+    body = messages[1:] if messages[0]["role"] == "system" else messages
+    text = f"<|im_start|>system\n{system}<|im_end|>\n"
+    text += "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in body)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
 def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    """The tokenizer's chat template applied; our own template in plain Python, ~50x faster than through jinja
+    (a training sample renders 2 x turns + 1 times to find its loss spans)."""
+    if getattr(tokenizer, "chat_template", None) == CHAT_TEMPLATE:
+        return render_chatml(messages, add_generation_prompt)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 

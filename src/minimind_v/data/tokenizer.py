@@ -15,24 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from minimind_v.data.formats import BadSample, open_dataset
-from minimind_v.data.template import IMAGE_MARKER
+from minimind_v.data.template import CHAT_TEMPLATE, DEFAULT_SYSTEM, IMAGE_MARKER
 from minimind_v.errors import UserError
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"]
-
-CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else -%}"
-    "{{- '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{%- if not (loop.first and message['role'] == 'system') -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
 
 
 @dataclass
@@ -46,7 +32,14 @@ class TokenizerOptions:
 
 
 def corpus_texts(paths: list[str]) -> Iterator[str]:
-    """Every text in the corpus files; <image> markers are removed (they never go through BPE)."""
+    """Every text in the corpus files; <image> markers are removed (they never go through BPE).
+
+    A conversation's turns come as the chat template lays them out between its special tokens:
+    "user\\n<content>", "assistant\\n<content>", and the default system turn when it has none. The
+    role names and the system prompt then get tokens of their own instead of costing a token per
+    letter or two in every training sample (measured on the synthetic world with a 600-token
+    vocabulary: 22 tokens for the system prompt and 8 for "assistant" when only contents were seen).
+    """
     for name in paths:
         path = Path(name)
         if not path.is_file():
@@ -61,8 +54,13 @@ def corpus_texts(paths: list[str]) -> Iterator[str]:
                 raw = reader[i]
             except BadSample:
                 continue  # a tokenizer corpus tolerates a broken line; training will count it
-            texts = [raw.text] if raw.text is not None else [turn["content"] for turn in raw.conversations]
-            yield from (text.replace(IMAGE_MARKER, "") for text in texts)
+            if raw.text is not None:
+                yield raw.text.replace(IMAGE_MARKER, "")
+                continue
+            turns = raw.conversations
+            if not turns or turns[0]["role"] != "system":
+                yield f"system\n{DEFAULT_SYSTEM}"
+            yield from (f"{turn['role']}\n{turn['content'].replace(IMAGE_MARKER, '')}" for turn in turns)
 
 
 def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Any:
