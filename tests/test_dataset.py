@@ -113,3 +113,23 @@ def test_text_only_mode_drops_images(folder, tokenizer_dir):
     assert len(ds) == 8  # the image faults no longer matter; bad JSON and too long remain
     assert all(3 not in ds[i].input_ids.tolist() and ds[i].pixel_values is None for i in range(len(ds)))
     assert torch.is_tensor(ds[0].labels)
+
+
+@pytest.mark.parametrize("keep_tokens", [0, 10**6])
+def test_kept_encodings_equal_fresh_ones(folder, tokenizer_dir, keep_tokens):
+    # The up-front pass keeps what it encoded when it fits the budget; either way an item is what encoding
+    # the record again gives (ids, labels, images kept).
+    ds = _dataset(folder, tokenizer_dir, keep_tokens=keep_tokens)
+    assert (ds.store is not None) == (keep_tokens > 0)
+    for index in range(len(ds)):
+        item = ds[index]
+        if isinstance(item, BadSample):
+            continue
+        fresh = ds._encode(ds.reader[int(ds.indices[index])])
+        assert item.input_ids.tolist() == fresh.input_ids and item.labels.tolist() == fresh.labels
+        assert item.input_ids.dtype == torch.long and len(item.images) == fresh.n_images
+
+
+def test_encodings_over_budget_are_dropped(folder, tokenizer_dir):
+    ds = _dataset(folder, tokenizer_dir, keep_tokens=12)  # not even the first sample fits
+    assert ds.store is None and len(ds) == 6

@@ -3,7 +3,10 @@
 Up front, one pass over the file reads and tokenises every record and checks that its image files
 exist inside the image folder (images are not decoded). That pass fails fast on a file that is
 mostly broken, gives the exact count of bad records before training starts, and yields the exact
-length of every good sample, which the length-grouped and packing batch plans need.
+length of every good sample, which the length-grouped and packing batch plans need. The pass keeps
+what it encoded (ids, loss mask, images kept) in flat arrays while they fit `keep_tokens`, so an
+epoch does not render the chat template again: on the synthetic world that rendering was a quarter
+of a CPU training step. A data set too large for the budget is encoded again in `__getitem__`.
 Images are decoded lazily in `__getitem__`; one that turns out corrupt makes the item a
 `BadSample` (returned, not raised, so it crosses DataLoader workers), which the collate drops and
 hands back to the training loop for its `BadSampleTracker`.
@@ -11,6 +14,7 @@ hands back to the training loop for its `BadSampleTracker`.
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +25,7 @@ import torch
 
 from minimind_v.data.formats import BadSample, ImageRef, RawSample, Reader
 from minimind_v.data.images import DEFAULT_MAX_PIXELS, ImagePreprocessor, load_image, resolve_image_path
-from minimind_v.data.template import EncodedSample, ImageTokens, encode_conversation, encode_text
+from minimind_v.data.template import IGNORE_INDEX, EncodedSample, ImageTokens, encode_conversation, encode_text
 from minimind_v.errors import UserError
 
 
@@ -95,6 +99,43 @@ class DataSettings:
     """Drop images and their markers (language-model stage on conversation data)."""
     scan_images: bool = True
     """In the up-front pass, check that every image file exists (one stat per image)."""
+    keep_tokens: int = 64_000_000
+    """Keep the up-front pass's encodings while they total at most this many tokens (5 bytes each)."""
+
+
+class EncodingStore:
+    """Encoded samples back to back: ids (int32), loss mask (uint8), and how many images each kept.
+
+    Labels are the ids where the mask is set and IGNORE_INDEX elsewhere, which is how every encoder in
+    data/template.py builds them; `add` checks it, so a future encoder that differs fails loudly here.
+    """
+
+    def __init__(self) -> None:
+        self.ids, self.mask, self.n_images = array("i"), array("B"), array("H")
+        self.offsets = array("q", [0])
+
+    def __len__(self) -> int:
+        return len(self.n_images)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+    def add(self, encoded: EncodedSample) -> None:
+        mask = [label != IGNORE_INDEX for label in encoded.labels]
+        if any(keep and label != i for keep, label, i in zip(mask, encoded.labels, encoded.input_ids)):
+            raise ValueError("EncodingStore: a label differs from its input id")
+        self.ids.extend(encoded.input_ids)
+        self.mask.extend(mask)
+        self.n_images.append(encoded.n_images)
+        self.offsets.append(len(self.ids))
+
+    def get(self, k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(input_ids, labels, n_images) of the k-th sample added."""
+        start, end = self.offsets[k], self.offsets[k + 1]
+        ids = torch.frombuffer(self.ids, dtype=torch.int32, offset=4 * start, count=end - start).long()
+        mask = torch.frombuffer(self.mask, dtype=torch.uint8, offset=start, count=end - start).bool()
+        return ids, ids.masked_fill(~mask, IGNORE_INDEX), self.n_images[k]
 
 
 class VLMDataset(torch.utils.data.Dataset):
@@ -106,10 +147,12 @@ class VLMDataset(torch.utils.data.Dataset):
         self.settings = settings or DataSettings()
         if self.settings.decode_images and preprocessor is None and not self.settings.text_only:
             raise ValueError("decode_images needs an ImagePreprocessor")
+        self.store: EncodingStore | None = EncodingStore()
         self.indices, self.lengths, self.bad_upfront = self._scan()
 
     def _scan(self) -> tuple[np.ndarray, np.ndarray, list[BadSample]]:
         indices, lengths, bad = [], [], []
+        store = self.store
         for i in range(len(self.reader)):
             try:
                 raw = self.reader[i]
@@ -122,6 +165,11 @@ class VLMDataset(torch.utils.data.Dataset):
                 continue
             indices.append(i)
             lengths.append(len(encoded.input_ids))
+            if store is not None:
+                if store.tokens + len(encoded.input_ids) > self.settings.keep_tokens:
+                    store = self.store = None  # too large to keep: __getitem__ encodes again
+                else:
+                    store.add(encoded)
         return np.asarray(indices, dtype=np.int64), np.asarray(lengths, dtype=np.int64), bad
 
     def _encode(self, raw: RawSample) -> EncodedSample:
@@ -140,13 +188,17 @@ class VLMDataset(torch.utils.data.Dataset):
         row = int(self.indices[index])
         try:
             raw = self.reader[row]
-            encoded = self._encode(raw)
-            refs = self._resolve(raw.images[:encoded.n_images])
+            if self.store is not None:
+                ids, labels, n_images = self.store.get(index)
+            else:
+                encoded = self._encode(raw)
+                ids, labels, n_images = torch.tensor(encoded.input_ids), torch.tensor(encoded.labels), encoded.n_images
+            refs = self._resolve(raw.images[:n_images])
             pixels = self._pixels(refs) if self.settings.decode_images and refs else None
         except BadSample as err:
             err.source = err.source or self.reader.source(row)
             return err
-        return Sample(torch.tensor(encoded.input_ids), torch.tensor(encoded.labels), pixels, refs, raw.source)
+        return Sample(ids, labels, pixels, refs, raw.source)
 
     def _resolve(self, refs: list[ImageRef]) -> list[ImageRef]:
         root = self.reader.images_dir or Path(".")
@@ -161,7 +213,8 @@ class VLMDataset(torch.utils.data.Dataset):
         row = int(self.indices[index])
         try:
             raw = self.reader[row]
-            return self._resolve(raw.images[:self._encode(raw).n_images])
+            n_images = self.store.get(index)[2] if self.store is not None else self._encode(raw).n_images
+            return self._resolve(raw.images[:n_images])
         except BadSample:
             return []
 
