@@ -12,14 +12,18 @@ from minimind_v.quickstart import QuickstartOptions, Recipe, main, prepare_out, 
 def test_quickstart_runs_end_to_end_and_writes_a_model(tmp_path, capsys):
     out = tmp_path / "qs"
     recipe = Recipe(caption_samples=24, qa_samples=24, test_samples=12, curve_samples=6, batch_size=8,
-                    checkpoints_per_stage=1, vocab_size=400)
+                    checkpoints_per_stage=1, vocab_size=400, tower_steps=5)
     threads = torch.get_num_threads()
     assert main(QuickstartOptions(out=str(out), minutes=0.3, seed=1, recipe=recipe)) == 0
     assert torch.get_num_threads() == threads  # the run's thread choice does not leak out
 
     model = MiniMindVLM.from_pretrained(out / "model")
     assert model.cfg.image_token_len == model.cfg.vision.num_patches
+    # The tower was pretrained on its own, saved as a Hugging Face tower, and stayed frozen in both stages.
+    assert model.cfg.vision.freeze and model.cfg.vision.name_or_path == str((out / "vision").resolve())
+    assert model.cfg.lm.num_hidden_layers == recipe.layers
     summary = json.loads((out / "quickstart.json").read_text(encoding="utf-8"))
+    assert summary["tower"]["steps"] == 5 and set(summary["tower"]["held_out_accuracy"]) == {"color", "shape", "size"}
     assert [s["name"] for s in summary["stages"]] == ["pretrain", "sft"]
     assert all(s["steps"] >= 1 for s in summary["stages"])
     assert summary["eval"]["scored"] == 12 and summary["eval"]["by_type"]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from minimind_v.data import synth
 from minimind_v.data.synth import QUESTION_TYPES, SynthOptions, write_dataset
 from minimind_v.errors import UserError
 
@@ -170,3 +171,26 @@ def test_mix_writes_both_languages_and_captions_describe(tmp_path):
 def test_bad_counts_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="--n"):
         _write(tmp_path, "bad", n=0)
+
+
+def test_type_weights_change_the_mix_and_only_when_given(tmp_path):
+    plain = _read_jsonl(_write(tmp_path, "p", n=300, seed=5))
+    weighted = _read_jsonl(_write(tmp_path, "w", n=300, seed=5, type_weights="left_of=4,above=4,describe=0"))
+    assert (tmp_path / "p" / "train.jsonl").read_bytes() == _write(tmp_path, "q", n=300, seed=5).read_bytes()
+    count = lambda rows, t: sum(r["types"].count(t) for r in rows)  # noqa: E731
+    assert count(weighted, "describe") == 0 < count(plain, "describe")
+    assert count(weighted, "left_of") > 2 * count(plain, "left_of")
+    for bad in ("left_of", "nope=2", "color=-1", "describe=0,count=0,color=0,shape=0,size=0,position=0,exist=0,"
+                                                 "left_of=0,above=0"):
+        with pytest.raises(UserError, match="--type-weights"):
+            synth.weighted_types(bad)
+
+
+def test_cell_labels_read_back_from_the_record(tmp_path):
+    record = _read_jsonl(_write(tmp_path, "c", n=5, seed=1, kind="caption"))[3]
+    scene = synth.scene_from_record(record["scene"])
+    labels = synth.cell_labels(scene)
+    assert [sum(1 for v in row if v) for row in labels] == [len(scene)] * 3
+    for obj in scene:
+        assert [labels[k][obj.cell] - 1 for k in range(3)] == [
+            list(synth.COLORS).index(obj.color), synth.SHAPES.index(obj.shape), synth.SIZES.index(obj.size)]

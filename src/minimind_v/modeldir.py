@@ -41,7 +41,7 @@ def save_model(model: MiniMindVLM, directory: str | Path, tokenizer: Any = None)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     if tower_lives_inside(cfg.vision):
-        _save_tower(model.vision, directory, cfg.vision.image_size)
+        save_tower(model.vision, directory, cfg.vision.image_size)
         cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, name_or_path=VISION_DIR, init=None))
     elif Path(cfg.vision.name_or_path).is_dir():
         # A local tower is referenced absolutely, so the directory still works from anywhere.
@@ -130,7 +130,7 @@ def _list(keys: list[str], limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def _save_tower(tower: VisionTower, directory: Path, image_size: int) -> None:
+def save_tower(tower: VisionTower, directory: Path, image_size: int) -> None:
     """vision/ in save_pretrained layout with its preprocessor config, swapped in whole."""
     staging = Path(tempfile.mkdtemp(prefix=".vision-", dir=directory))
     with quiet_transformers():

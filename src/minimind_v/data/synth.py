@@ -118,6 +118,39 @@ Scene = tuple[SceneObject, ...]
 """Objects in reading order (one per cell at most)."""
 
 
+ATTRIBUTES: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHAPES, "size": SIZES}
+"""What an object is, attribute by attribute (the vision tower's pretraining labels, see train/tower.py)."""
+
+
+def cell_labels(scene: Scene) -> list[list[int]]:
+    """Per attribute, per cell in reading order: 1 + the value's index, or 0 for an empty cell."""
+    labels = [[0] * GRID ** 2 for _ in ATTRIBUTES]
+    for obj in scene:
+        for row, (name, values) in zip(labels, ATTRIBUTES.items()):
+            row[obj.cell] = 1 + values.index(getattr(obj, name))
+    return labels
+
+
+def scene_from_record(objects: list[dict[str, object]]) -> Scene:
+    """The "scene" field of a written record back into a Scene."""
+    return tuple(SceneObject(**obj) for obj in objects)  # type: ignore[arg-type]
+
+
+def weighted_types(weights: str | None) -> tuple[str, ...]:
+    """"left_of=3,above=3" -> QUESTION_TYPES with those types repeated (a question's type is drawn uniformly
+    from the tuple, so a weight is a relative frequency); None or "" -> QUESTION_TYPES unchanged."""
+    counts = {t: 1 for t in QUESTION_TYPES}
+    for part in filter(None, (weights or "").split(",")):
+        name, _, value = part.partition("=")
+        if name.strip() not in counts or not value.strip().isdigit():
+            raise UserError(f"--type-weights {part!r}: expected TYPE=N with N a whole number and TYPE one of "
+                            f"{', '.join(QUESTION_TYPES)}")
+        counts[name.strip()] = int(value)
+    if not any(counts.values()):
+        raise UserError(f"--type-weights {weights!r}: every weight is 0")
+    return tuple(t for t in QUESTION_TYPES for _ in range(counts[t]))
+
+
 def canonical(scene: Scene) -> str:
     return ";".join(f"{o.cell}:{o.size}-{o.color}-{o.shape}" for o in scene)
 
@@ -348,6 +381,8 @@ class SynthOptions:
     """A QA sample has 1 to this many question-answer turns; only the first turn carries the image."""
     image_size: int = 48
     """Side of the square images in pixels; 48 is the tiny preset's input, so grid cells match its patches."""
+    type_weights: str | None = None
+    """Relative frequency of question types, e.g. left_of=3,above=3 (unnamed types weigh 1; 0 leaves one out)."""
 
 
 def write_dataset(opts: SynthOptions) -> Path:
@@ -360,7 +395,8 @@ def write_dataset(opts: SynthOptions) -> Path:
         raise UserError(f"--image-size {opts.image_size}: must be at least 24 pixels")
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    samples = (make_sample(opts.seed, opts.split, i, opts.lang, opts.kind, opts.max_turns, opts.image_size)
+    types = weighted_types(opts.type_weights)
+    samples = (make_sample(opts.seed, opts.split, i, opts.lang, opts.kind, opts.max_turns, opts.image_size, types)
                for i in range(opts.n))
     if opts.format == "parquet":
         return _write_parquet(samples, out / f"{opts.split}.parquet")
