@@ -9,6 +9,8 @@ full quickstart cannot tell apart. Findings are in the commit messages of data/s
     python scripts/probe_world.py --symbolic --seconds 240            # the language side alone
     python scripts/probe_world.py --seconds 240 --position-std 0.5    # pixels through a 0-layer tower
     python scripts/probe_world.py --types color --seconds 100         # one question type
+    python scripts/probe_world.py --tower-pretrain 300 --tower-frozen --layers 2 --turns 6 --lang mix \
+        --steps 5000 --samples 16000 --device cuda                    # what the quickstart now does, by steps
 
 To compare with another version of the world, put that checkout's src first: PYTHONPATH=OTHER/src.
 """
@@ -44,6 +46,13 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--turns", type=int, default=4, help="questions per training image")
     p.add_argument("--samples", type=int, default=6000)
     p.add_argument("--seconds", type=float, default=240)
+    p.add_argument("--steps", type=int, default=None, help="stop after this many steps instead (the lr schedule follows steps)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--layers", type=int, default=4, help="language model layers")
+    p.add_argument("--hidden", type=int, default=128, help="language model (and tower) width")
+    p.add_argument("--tower-pretrain", type=int, default=0,
+                   help="first train the tower alone for this many steps to name each patch's colour, shape and size")
+    p.add_argument("--tower-frozen", action="store_true", help="freeze the tower after --tower-pretrain")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--patch", type=int, default=16, help="tower patch size on 48 px images")
@@ -115,7 +124,7 @@ def main() -> None:
     train_set = [(encode(s, len(s.types)), image(s)) for s in train]
     test_set = [(encode(s, 1), image(s), s.types[0]) for s in test]
 
-    width = 128
+    width = args.hidden
     if args.symbolic:
         tower: nn.Module = SymbolicCells(width)
     else:
@@ -125,16 +134,23 @@ def main() -> None:
         if args.position_std is not None:
             nn.init.normal_(tower.embeddings.position_embedding.weight, std=args.position_std)
     projector = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
-    lm = MiniMindLM(LMConfig(vocab_size=512, hidden_size=width, num_hidden_layers=4, num_attention_heads=4,
+    lm = MiniMindLM(LMConfig(vocab_size=512, hidden_size=width, num_hidden_layers=args.layers, num_attention_heads=4,
                              num_key_value_heads=2, max_position_embeddings=512))
-    params = [*tower.parameters(), *projector.parameters(), *lm.parameters()]
+    device = torch.device(args.device)
+    tower, projector, lm = tower.to(device), projector.to(device), lm.to(device)
+    if args.tower_pretrain and not args.symbolic:
+        pretrain_tower(tower, [s.scene for s in train], torch.stack([img for _, img in train_set]), args, device)
+        if args.tower_frozen:
+            tower.requires_grad_(False)
+    params = [p for m in (tower, projector, lm) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
 
     def forward(rows: list[tuple[list[int], list[int]]], images: torch.Tensor):
         width_t = max(len(ids) for ids, _ in rows)
-        ids = torch.tensor([i + [PAD] * (width_t - len(i)) for i, _ in rows])
-        labels = torch.tensor([lab + [-100] * (width_t - len(lab)) for _, lab in rows])
-        mask = (torch.arange(width_t)[None] < torch.tensor([len(i) for i, _ in rows])[:, None]).long()
+        ids = torch.tensor([i + [PAD] * (width_t - len(i)) for i, _ in rows], device=device)
+        labels = torch.tensor([lab + [-100] * (width_t - len(lab)) for _, lab in rows], device=device)
+        mask = (torch.arange(width_t)[None] < torch.tensor([len(i) for i, _ in rows])[:, None]).long().to(device)
+        images = images.to(device)
         features = tower(images) if args.symbolic else tower(pixel_values=images).last_hidden_state[:, 1:]
         embeds = lm.embed_tokens(ids).masked_scatter((ids == IMAGE)[..., None], projector(features))
         return lm(inputs_embeds=embeds, attention_mask=mask, labels=labels), labels
@@ -158,11 +174,17 @@ def main() -> None:
                      "grouped" if args.grouped else "random", drop_last=True, group_factor=16)
     batches: list[list[int]] = []
     epoch, step, start = 0, 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < args.seconds:
+    def done(elapsed: float) -> bool:
+        return step >= args.steps if args.steps else elapsed >= args.seconds
+
+    def progress(elapsed: float) -> float:
+        return step / args.steps if args.steps else elapsed / args.seconds
+
+    while not done(elapsed := time.perf_counter() - start):
         if not batches:
             batches, epoch = [b for b in plan.batches(epoch) if len(b) == args.batch], epoch + 1
         batch = batches.pop()
-        lr = args.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * elapsed / args.seconds)))
+        lr = args.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress(elapsed))))
         for group in optimizer.param_groups:
             group["lr"] = lr
         out, _ = forward([train_set[i][0] for i in batch], torch.stack([train_set[i][1] for i in batch]))
@@ -174,6 +196,29 @@ def main() -> None:
         if step % args.eval_every == 0:
             print(f"step {step} {elapsed:.0f}s loss {out.loss.item():.3f} | {evaluate()}", flush=True)
     print(f"final step {step} | {evaluate()}", flush=True)
+
+
+def pretrain_tower(tower: nn.Module, scenes: list[synth.Scene], images: torch.Tensor, args: argparse.Namespace,
+                   device: torch.device) -> None:
+    """The tower alone, a linear head per attribute on each patch: what colour, shape, size (or empty) is there."""
+    sizes = (1 + len(synth.COLORS), 1 + len(synth.SHAPES), 1 + len(synth.SIZES))
+    labels = torch.zeros(len(scenes), 3, synth.GRID ** 2, dtype=torch.long)
+    for i, scene in enumerate(scenes):
+        for o in scene:
+            labels[i, :, o.cell] = torch.tensor([1 + list(synth.COLORS).index(o.color), 1 + synth.SHAPES.index(o.shape),
+                                                 1 + synth.SIZES.index(o.size)])
+    heads = nn.ModuleList(nn.Linear(args.hidden, n) for n in sizes).to(device)
+    optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=1e-3)
+    for step in range(args.tower_pretrain):
+        batch = torch.randint(0, len(scenes), (args.batch,))
+        features = tower(pixel_values=images[batch].to(device)).last_hidden_state[:, 1:]
+        target = labels[batch].to(device)
+        loss = sum(nn.functional.cross_entropy(h(features).flatten(0, 1), target[:, k].flatten())
+                   for k, h in enumerate(heads))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    print(f"tower pretrained {args.tower_pretrain} steps, loss {loss.item():.4f}", flush=True)
 
 
 if __name__ == "__main__":
