@@ -54,6 +54,18 @@ def _keyed(lang, key, value):
     return f"{key}：{value}" if lang == "zh" else f"{key}: {value}"
 
 
+LINES = {"en": {"col": ["left", "middle", "right"], "row": ["top", "middle", "bottom"]},
+         "zh": {"col": ["左列", "中列", "右列"], "row": ["上行", "中行", "下行"]}}
+
+
+def _relation(lang, axis, a, b):
+    """"left, right: yes": the column (row) each object is in, then whether the first comes before the second."""
+    names = LINES[lang][axis]
+    found = f"{names[a[axis]]}、{names[b[axis]]}" if lang == "zh" else f"{names[a[axis]]}, {names[b[axis]]}"
+    yes, no = ("yes", "no") if lang == "en" else ("是", "否")
+    return _keyed(lang, found, yes if a[axis] < b[axis] else no)
+
+
 def _oracle(question, scene, lang):
     """The answer to one question, derived from the scene record; lookups answer "what was asked: what is there"."""
     yes, no = ("yes", "no") if lang == "en" else ("是", "否")
@@ -77,9 +89,9 @@ def _oracle(question, scene, lang):
                           yes if any(_word(lang, o["color"]) == m[1] and _word(lang, o["shape"]) == m[2]
                                      for o in scene) else no)),
         (r"Is the (.+) to the left of the (.+)\?" if en else r"(.+)在(.+)的左边吗？",
-         lambda m: yes if _find(scene, lang, m[1])["col"] < _find(scene, lang, m[2])["col"] else no),
+         lambda m: _relation(lang, "col", _find(scene, lang, m[1]), _find(scene, lang, m[2]))),
         (r"Is the (.+) above the (.+)\?" if en else r"(.+)在(.+)的上面吗？",
-         lambda m: yes if _find(scene, lang, m[1])["row"] < _find(scene, lang, m[2])["row"] else no),
+         lambda m: _relation(lang, "row", _find(scene, lang, m[1]), _find(scene, lang, m[2]))),
     ]
     for pattern, answer in patterns:
         match = re.fullmatch(pattern, question)
