@@ -213,7 +213,7 @@ class VLMDataset(torch.utils.data.Dataset):
         row = int(self.indices[index])
         try:
             raw = self.reader[row]
-            n_images = self.store.get(index)[2] if self.store is not None else self._encode(raw).n_images
+            n_images = self.store.n_images[index] if self.store is not None else self._encode(raw).n_images
             return self._resolve(raw.images[:n_images])
         except BadSample:
             return []
