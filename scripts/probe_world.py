@@ -25,12 +25,13 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from minimind_v.data import synth
 from minimind_v.data.batching import BatchPlan
-from minimind_v.model.config import LMConfig
+from minimind_v.model.config import LMConfig, VisionConfig
 from minimind_v.model.llm import MiniMindLM
+from minimind_v.model.vision import VisionTower
+from minimind_v.train.tower import PatchLabels, pretrain_tower
 
 PAD, IMAGE, EOS, USER, ASSISTANT = range(5)
 SPECIALS = ["<pad>", "<image>", "<eos>", "<user>", "<assistant>"]
@@ -66,6 +67,8 @@ def arguments() -> argparse.Namespace:
         p.error(f"--types: unknown {', '.join(sorted(unknown))} (known: {', '.join(synth.QUESTION_TYPES)})")
     if args.patch < 1 or 48 % args.patch:
         p.error(f"--patch {args.patch}: must divide the 48 px image")
+    if args.tower_pretrain and args.patch != 48 // synth.GRID:
+        p.error(f"--tower-pretrain labels grid cells: it needs --patch {48 // synth.GRID} (one patch per cell)")
     return args
 
 
@@ -128,20 +131,27 @@ def main() -> None:
     if args.symbolic:
         tower: nn.Module = SymbolicCells(width)
     else:
-        tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width,
-                                                 num_hidden_layers=args.tower_layers, num_attention_heads=4,
-                                                 image_size=48, patch_size=args.patch))
-        if args.position_std is not None:
-            nn.init.normal_(tower.embeddings.position_embedding.weight, std=args.position_std)
+        init = {"model_type": "clip_vision_model", "hidden_size": width, "intermediate_size": 2 * width,
+                "num_hidden_layers": args.tower_layers, "num_attention_heads": 4, "image_size": 48,
+                "patch_size": args.patch}
+        tower = VisionTower(VisionConfig(init=init, hidden_size=width, image_size=48, num_patches=(48 // args.patch) ** 2,
+                                         freeze=False, position_init_std=args.position_std))
     projector = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
     lm = MiniMindLM(LMConfig(vocab_size=512, hidden_size=width, num_hidden_layers=args.layers, num_attention_heads=4,
                              num_key_value_heads=2, max_position_embeddings=512))
     device = torch.device(args.device)
     tower, projector, lm = tower.to(device), projector.to(device), lm.to(device)
     if args.tower_pretrain and not args.symbolic:
-        pretrain_tower(tower, [s.scene for s in train], torch.stack([img for _, img in train_set]), args, device)
+        # The quickstart's own step (train/tower.py), on the probe's training images.
+        targets = torch.tensor([synth.cell_labels(s.scene) for s in train])
+        labels = PatchLabels(tuple(synth.ATTRIBUTES), tuple(1 + len(v) for v in synth.ATTRIBUTES.values()), targets)
+        report = pretrain_tower(tower, torch.stack([img for _, img in train_set]).to(device), labels,
+                                args.tower_pretrain, args.batch)
+        print(f"tower pretrained: {report}", flush=True)
+        tower.train()
         if args.tower_frozen:
             tower.requires_grad_(False)
+            tower.frozen = True
     params = [p for m in (tower, projector, lm) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
 
@@ -151,7 +161,7 @@ def main() -> None:
         labels = torch.tensor([lab + [-100] * (width_t - len(lab)) for _, lab in rows], device=device)
         mask = (torch.arange(width_t)[None] < torch.tensor([len(i) for i, _ in rows])[:, None]).long().to(device)
         images = images.to(device)
-        features = tower(images) if args.symbolic else tower(pixel_values=images).last_hidden_state[:, 1:]
+        features = tower(images)
         embeds = lm.embed_tokens(ids).masked_scatter((ids == IMAGE)[..., None], projector(features))
         return lm(inputs_embeds=embeds, attention_mask=mask, labels=labels), labels
 
@@ -196,29 +206,6 @@ def main() -> None:
         if step % args.eval_every == 0:
             print(f"step {step} {elapsed:.0f}s loss {out.loss.item():.3f} | {evaluate()}", flush=True)
     print(f"final step {step} | {evaluate()}", flush=True)
-
-
-def pretrain_tower(tower: nn.Module, scenes: list[synth.Scene], images: torch.Tensor, args: argparse.Namespace,
-                   device: torch.device) -> None:
-    """The tower alone, a linear head per attribute on each patch: what colour, shape, size (or empty) is there."""
-    sizes = (1 + len(synth.COLORS), 1 + len(synth.SHAPES), 1 + len(synth.SIZES))
-    labels = torch.zeros(len(scenes), 3, synth.GRID ** 2, dtype=torch.long)
-    for i, scene in enumerate(scenes):
-        for o in scene:
-            labels[i, :, o.cell] = torch.tensor([1 + list(synth.COLORS).index(o.color), 1 + synth.SHAPES.index(o.shape),
-                                                 1 + synth.SIZES.index(o.size)])
-    heads = nn.ModuleList(nn.Linear(args.hidden, n) for n in sizes).to(device)
-    optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=1e-3)
-    for step in range(args.tower_pretrain):
-        batch = torch.randint(0, len(scenes), (args.batch,))
-        features = tower(pixel_values=images[batch].to(device)).last_hidden_state[:, 1:]
-        target = labels[batch].to(device)
-        loss = sum(nn.functional.cross_entropy(h(features).flatten(0, 1), target[:, k].flatten())
-                   for k, h in enumerate(heads))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    print(f"tower pretrained {args.tower_pretrain} steps, loss {loss.item():.4f}", flush=True)
 
 
 if __name__ == "__main__":

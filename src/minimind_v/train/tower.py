@@ -46,26 +46,26 @@ def pretrain_tower(tower: VisionTower, pixels: Tensor, labels: PatchLabels, step
     """Train `tower` (in place) with a linear head per attribute on its patch features.
 
     The last `held_out` images are not trained on; the report gives the accuracy on their patches.
+    The heads and labels go to the device of `pixels`, which must be the tower's.
     """
-    n = pixels.shape[0]
-    if labels.targets.shape[0] != n or labels.targets.shape[2] != tower_patches(tower, pixels):
-        raise ValueError(f"labels {tuple(labels.targets.shape)} do not match {n} images of "
-                         f"{tower_patches(tower, pixels)} patches")
+    n, patches = pixels.shape[0], tower_patches(tower, pixels)
+    if labels.targets.shape[0] != n or labels.targets.shape[2] != patches:
+        raise ValueError(f"labels {tuple(labels.targets.shape)} do not match {n} images of {patches} patches")
     held_out = min(held_out, n // 4)
     train_n = n - held_out
     generator = torch.Generator().manual_seed(seed)
     width = tower.model.config.hidden_size
-    heads = nn.ModuleList(nn.Linear(width, k) for k in labels.classes)
+    heads = nn.ModuleList(nn.Linear(width, k) for k in labels.classes).to(pixels.device)
+    targets = labels.targets.to(pixels.device)
     tower.requires_grad_(True)
     tower.frozen = False
     tower.train()
-    params = [p for p in (*tower.parameters(), *heads.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=lr, weight_decay=0.0)
     began, loss = time.perf_counter(), torch.tensor(float("nan"))
     for _ in range(steps):
         batch = torch.randint(0, train_n, (batch_size,), generator=generator)
         features = tower(pixels[batch])
-        target = labels.targets[batch]
+        target = targets[batch.to(pixels.device)]
         loss = sum(nn.functional.cross_entropy(head(features).flatten(0, 1), target[:, k].flatten())
                    for k, head in enumerate(heads))
         optimizer.zero_grad(set_to_none=True)
@@ -76,7 +76,7 @@ def pretrain_tower(tower: VisionTower, pixels: Tensor, labels: PatchLabels, step
     accuracy = {}
     with torch.no_grad():
         features = tower(pixels[train_n:])
-        target = labels.targets[train_n:]
+        target = targets[train_n:]
         occupied = target[:, 0] > 0
         for k, (name, head) in enumerate(zip(labels.names, heads)):
             right = (head(features).argmax(-1) == target[:, k])[occupied]
