@@ -1,6 +1,7 @@
 """The model directory: save -> load gives identical logits; loads are strict; errors name what is wrong."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from minimind_v.errors import UserError
 from minimind_v.model.config import LMConfig, VisionConfig, VLMConfig
 from minimind_v.model.vlm import MiniMindVLM
+from minimind_v.modeldir import embed_tower
 
 IMG, RUN = 5, 16
 LM = LMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -67,6 +69,22 @@ def test_referenced_tower_round_trip(tmp_path, monkeypatch):
     assert config["vision"]["name_or_path"] == str(tmp_path / "clip")  # relative path made absolute
     monkeypatch.chdir("/")
     assert torch.equal(logits(MiniMindVLM.from_pretrained(tmp_path / "model").eval()), logits(model))
+
+
+def test_embed_tower_makes_the_directory_self_contained(tmp_path):
+    torch.manual_seed(1)
+    CLIPVisionModel(CLIPVisionConfig(**TOWER)).save_pretrained(tmp_path / "clip")
+    model = vlm(VisionConfig(name_or_path=str(tmp_path / "clip"), hidden_size=24, image_size=32, num_patches=RUN,
+                             freeze=True))
+    model.save_pretrained(tmp_path / "model")
+    embed_tower(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["vision"]["name_or_path"] == "vision" and config["vision"]["freeze"] is True
+    shutil.rmtree(tmp_path / "clip")
+    shutil.move(tmp_path / "model", tmp_path / "moved")
+    assert torch.equal(logits(MiniMindVLM.from_pretrained(tmp_path / "moved").eval()), logits(model))
+    embed_tower(tmp_path / "moved")  # already inside: nothing to do
+    assert torch.equal(logits(MiniMindVLM.from_pretrained(tmp_path / "moved").eval()), logits(model))
 
 
 def test_tokenizer_is_saved_beside_the_weights(tmp_path):

@@ -6,6 +6,7 @@
     vision/              the tower in Hugging Face save_pretrained layout + preprocessor_config.json,
                          only when it lives inside (built from `init`, trained, or already inside);
                          a frozen pretrained tower is referenced by path or hub id in config.json
+                         (embed_tower copies it inside, for a directory that must travel alone)
 
 Loading is strict: a missing, unexpected or mis-shaped weight is an error naming the key(s).
 """
@@ -52,6 +53,20 @@ def save_model(model: MiniMindVLM, directory: str | Path, tokenizer: Any = None)
     _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     if tokenizer is not None:
         save_tokenizer(tokenizer, directory)  # the chat template kept inside tokenizer_config.json
+
+
+def embed_tower(directory: str | Path) -> None:
+    """Copy the tower a model directory references (a local path or a hub id) into its own vision/ and
+    point config.json there, so the directory works after being moved or copied to another machine."""
+    directory = Path(directory)
+    cfg = read_config(directory)
+    if cfg.vision.name_or_path == VISION_DIR:
+        return
+    tower = VisionTower(cfg.vision, source=vision_source(cfg.vision, directory))
+    save_tower(tower, directory, cfg.vision.image_size)
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, name_or_path=VISION_DIR, init=None))
+    config = {"format_version": FORMAT_VERSION, **cfg.to_dict()}
+    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
 
 
 def tower_lives_inside(vision: VisionConfig) -> bool:
