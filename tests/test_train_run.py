@@ -95,6 +95,15 @@ def test_max_minutes_stops_early_and_still_writes_the_model(world, tokenizer_dir
     assert train(*lm_args(world, tokenizer_dir, tmp_path / "x", "--max-minutes", "0")) == 2
 
 
+def test_a_time_capped_run_still_decays_to_the_floor(world, tokenizer_dir, tmp_path):
+    out = tmp_path / "capped"
+    # Far more steps than fit in 4 seconds: the learning rate follows the clock and ends near the floor.
+    assert train(*lm_args(world, tokenizer_dir, out, "--max-steps", "100000", "--epochs", "100000",
+                          "--max-minutes", "0.067", "--lr", "1e-3", "--set", "warmup_steps=1")) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] < 100000 and records[-1]["lr"] < 1e-3 * (0.1 + 0.05)
+
+
 def test_too_many_bad_samples_stop_with_exit_2(world, tokenizer_dir, tmp_path, capsys):
     data = tmp_path / "bad.jsonl"
     lines = (world / "train.jsonl").read_text().splitlines()[:18] + ["{not json", '{"conversations": 3}']

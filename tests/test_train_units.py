@@ -71,6 +71,17 @@ def test_warmup_reaches_peak_exactly_and_cosine_ends_at_floor():
     assert min(lrs) >= peak * ratio * (1 - 1e-12)
 
 
+def test_a_run_behind_its_clock_reads_the_schedule_further_on():
+    # On schedule (the clock behind the steps): the step itself.
+    assert optim.schedule_step(30, 0, 100, 0.2) == 30
+    # Behind: 60% of the time gone at step 30 points to step 60; after a resume at step 40, to 40 + 0.6 * 60.
+    assert optim.schedule_step(30, 0, 100, 0.6) == 60
+    assert optim.schedule_step(45, 40, 100, 0.6) == 76
+    # The clock never points past the last step, so the cap's last step reads the floor.
+    assert optim.schedule_step(50, 0, 100, 1.7) == 99
+    assert optim.lr_at(optim.schedule_step(50, 0, 100, 1.0), 3e-4, 10, 100, 0.1) == 3e-4 * 0.1
+
+
 def test_no_weight_decay_on_norms_biases_embeddings_and_no_frozen_params():
     model = tiny_vlm()
     freezing.apply_policy(model, "llm", train_vision=False, uses_images=True)

@@ -52,7 +52,8 @@ class TrainOptions:
     max_steps: int | None = None
     """Stop after this many optimizer steps."""
     max_minutes: float | None = None
-    """Stop (saving the model) once the training loop has run this long; the schedule is not re-planned."""
+    """Stop (saving the model) once the training loop has run this long; a run that would not finish its steps in
+    time decays its learning rate on the clock instead, so it still ends at the schedule's floor."""
     seed: int = 42
     """Seeds initialisation, data order and dropout; the same seed gives the same run."""
     freeze: Literal["projector", "projector+ends", "llm", "all"] | None = None

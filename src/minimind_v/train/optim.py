@@ -57,6 +57,13 @@ def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr_ra
     return peak * weight + floor * (1.0 - weight)  # this form hits both ends exactly in floating point
 
 
+def schedule_step(step: int, first_step: int, total_steps: int, clock_used: float) -> int:
+    """The step to read the schedule at when a share `clock_used` of the time limit has passed since `first_step`:
+    the later of the step itself and the step the clock points to (the steps left scaled by the time used)."""
+    by_clock = first_step + min(1.0, max(0.0, clock_used)) * (total_steps - first_step)
+    return max(step, min(int(by_clock), total_steps - 1))
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -177,7 +177,7 @@ class Session:
             self.metrics = MetricsLog(self.out, trackers, resume_step=self.step)
         self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.info.is_main, unit="step",
                         dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-        self.started = time.perf_counter()
+        self.started, self.first_step, self.clock_used = time.perf_counter(), self.step, 0.0
         self._reset_window()
         first_epoch, first_position = self.epoch, self.position
         for epoch in range(first_epoch, cfg.epochs):
@@ -219,7 +219,7 @@ class Session:
         if not micro and self.info.enabled:
             raise UserError(f"--data {self.opts.data}: every sample of a micro-batch was unusable "
                             f"({self.pending_bad[-1]}); fix the data or raise --batch-size")
-        lr = optim.lr_at(self.step, cfg.lr, self.warmup, self.total_steps, cfg.min_lr_ratio)
+        lr = optim.lr_at(self._schedule_step(), cfg.lr, self.warmup, self.total_steps, cfg.min_lr_ratio)
         if micro:
             optim.set_lr(self.optimizer, lr)
             inputs = [model_inputs(b) for b in micro]
@@ -232,14 +232,23 @@ class Session:
         self.step += 1
         self.bar.update(1)
 
-    def _out_of_time(self) -> bool:
-        """--max-minutes reached; every process stops at the same step (rank 0's clock decides)."""
+    def _clock(self) -> float:
+        """Share of --max-minutes used (0 without a limit); every process sees rank 0's clock."""
         if self.opts.max_minutes is None:
-            return False
-        over = torch.tensor(float(time.perf_counter() - self.started > 60 * self.opts.max_minutes), device=self.device)
+            return 0.0
+        used = torch.tensor((time.perf_counter() - self.started) / (60 * self.opts.max_minutes), device=self.device)
         if self.info.enabled:
-            torch.distributed.broadcast(over, src=0)
-        return bool(over)
+            torch.distributed.broadcast(used, src=0)
+        return float(used)
+
+    def _schedule_step(self) -> int:
+        """Where the learning-rate schedule stands: at the step, or further on where the clock says so.
+
+        Under --max-minutes a run that would reach its time cap before its last step decays on the clock
+        (the steps left shrunk in proportion to the time left), so it still ends at the floor instead of
+        being cut off at a high learning rate; a run on schedule is unaffected.
+        """
+        return optim.schedule_step(self.step, self.first_step, self.total_steps, self.clock_used)
 
     def _reset_window(self) -> None:
         self.window_ce = torch.zeros((), device=self.device)
@@ -248,7 +257,8 @@ class Session:
 
     def _after_step(self) -> None:
         opts, step = self.opts, self.step
-        if step < self.total_steps and self._out_of_time():
+        self.clock_used = self._clock()
+        if step < self.total_steps and self.clock_used >= 1.0:
             self.total_steps = step
         last = step >= self.total_steps
         evaluate = self.val is not None and (last or (opts.eval_every and step % opts.eval_every == 0))
