@@ -3,6 +3,7 @@
 import json
 
 import torch
+from safetensors.torch import load_file
 
 from minimind_v import cli
 from minimind_v.model.vlm import MiniMindVLM
@@ -19,8 +20,14 @@ def test_quickstart_runs_end_to_end_and_writes_a_model(tmp_path, capsys):
 
     model = MiniMindVLM.from_pretrained(out / "model")
     assert model.cfg.image_token_len == model.cfg.vision.num_patches
-    # The tower was pretrained on its own, saved as a Hugging Face tower, and stayed frozen in both stages.
-    assert model.cfg.vision.freeze and model.cfg.vision.name_or_path == str((out / "vision").resolve())
+    # The tower was pretrained on its own, saved as a Hugging Face tower, stayed frozen in both stages, and
+    # travels inside the final model (the stages' models reference OUT/vision).
+    assert model.cfg.vision.freeze and model.cfg.vision.name_or_path == "vision"
+    assert json.loads((out / "sft" / "model" / "config.json").read_text())["vision"]["name_or_path"] == str(
+        (out / "vision").resolve())
+    tower = load_file(out / "model" / "vision" / "model.safetensors")
+    reference = load_file(out / "vision" / "model.safetensors")
+    assert tower.keys() == reference.keys() and all(torch.equal(tower[k], reference[k]) for k in tower)
     assert model.cfg.lm.num_hidden_layers == recipe.layers
     summary = json.loads((out / "quickstart.json").read_text(encoding="utf-8"))
     assert summary["tower"]["steps"] == 5 and set(summary["tower"]["held_out_accuracy"]) == {"color", "shape", "size"}

@@ -390,6 +390,7 @@ def main(opts: QuickstartOptions) -> int:
 
 def _run(opts: QuickstartOptions) -> int:
     from minimind_v.evaluate import evaluate, write_predictions
+    from minimind_v.modeldir import embed_tower
     from minimind_v.train.build import resolve_start
     from minimind_v.train.metrics import read_metrics
 
@@ -433,6 +434,7 @@ def _run(opts: QuickstartOptions) -> int:
         second = run_stage("sft", data["qa"], sizes["qa"], out / "sft", str(out / "pretrain" / "model"),
                            out / "tokenizer", qa_steps, clock.left() - reserve - qa_setup, recipe, opts.seed)
     shutil.copytree(out / "sft" / "model", out / "model")
+    embed_tower(out / "model")  # the tower is tiny: OUT/model works wherever it is copied
     with clock.phase("evaluation"):
         report, items = evaluate(out / "model", data["test"])
         write_predictions(items, out / "predictions.jsonl")
