@@ -31,7 +31,7 @@ from minimind_v.data.batching import BatchPlan
 from minimind_v.model.config import LMConfig, VisionConfig
 from minimind_v.model.llm import MiniMindLM
 from minimind_v.model.vision import VisionTower
-from minimind_v.train.tower import PatchLabels, pretrain_tower
+from minimind_v.train.tower import pretrain_tower, world_labels
 
 PAD, IMAGE, EOS, USER, ASSISTANT = range(5)
 SPECIALS = ["<pad>", "<image>", "<eos>", "<user>", "<assistant>"]
@@ -143,9 +143,8 @@ def main() -> None:
     tower, projector, lm = tower.to(device), projector.to(device), lm.to(device)
     if args.tower_pretrain and not args.symbolic:
         # The quickstart's own step (train/tower.py), on the probe's training images.
-        targets = torch.tensor([synth.cell_labels(s.scene) for s in train])
-        labels = PatchLabels(tuple(synth.ATTRIBUTES), tuple(1 + len(v) for v in synth.ATTRIBUTES.values()), targets)
-        report = pretrain_tower(tower, torch.stack([img for _, img in train_set]).to(device), labels,
+        report = pretrain_tower(tower, torch.stack([img for _, img in train_set]).to(device),
+                                world_labels([s.scene for s in train]),
                                 args.tower_pretrain, args.batch)
         print(f"tower pretrained: {report}", flush=True)
         tower.train()

@@ -30,7 +30,7 @@ def test_quickstart_runs_end_to_end_and_writes_a_model(tmp_path, capsys):
     assert tower.keys() == reference.keys() and all(torch.equal(tower[k], reference[k]) for k in tower)
     assert model.cfg.lm.num_hidden_layers == recipe.layers
     summary = json.loads((out / "quickstart.json").read_text(encoding="utf-8"))
-    assert summary["tower"]["steps"] == 5 and set(summary["tower"]["held_out_accuracy"]) == {"color", "shape", "size"}
+    assert summary["tower"]["steps"] == 5 and set(summary["tower"]["held_out_accuracy"]) == {"color", "shape", "size", "color_shape"}
     assert [s["name"] for s in summary["stages"]] == ["pretrain", "sft"]
     assert all(s["steps"] >= 1 for s in summary["stages"])
     assert summary["eval"]["scored"] == 12 and summary["eval"]["by_type"]

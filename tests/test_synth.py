@@ -202,7 +202,8 @@ def test_cell_labels_read_back_from_the_record(tmp_path):
     record = _read_jsonl(_write(tmp_path, "c", n=5, seed=1, kind="caption"))[3]
     scene = synth.scene_from_record(record["scene"])
     labels = synth.cell_labels(scene)
-    assert [sum(1 for v in row if v) for row in labels] == [len(scene)] * 3
+    assert [sum(1 for v in row if v) for row in labels] == [len(scene)] * 4
     for obj in scene:
-        assert [labels[k][obj.cell] - 1 for k in range(3)] == [
-            list(synth.COLORS).index(obj.color), synth.SHAPES.index(obj.shape), synth.SIZES.index(obj.size)]
+        assert [labels[k][obj.cell] - 1 for k in range(4)] == [
+            list(synth.COLORS).index(obj.color), synth.SHAPES.index(obj.shape), synth.SIZES.index(obj.size),
+            list(synth.COLORS).index(obj.color) * len(synth.SHAPES) + synth.SHAPES.index(obj.shape)]

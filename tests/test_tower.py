@@ -11,15 +11,14 @@ from minimind_v.data.images import ImagePreprocessor
 from minimind_v.model.vision import VisionTower
 from minimind_v.modeldir import save_tower
 from minimind_v.presets import get_preset
-from minimind_v.train.tower import PatchLabels, pretrain_tower
+from minimind_v.train.tower import PatchLabels, pretrain_tower, world_labels
 
 
 def _world(n):
     samples = [synth.make_sample(7, "train", i, kind="caption") for i in range(n)]
     preprocess = ImagePreprocessor.for_image_size(48)
     pixels = torch.from_numpy(np.stack([preprocess.array(s.image) for s in samples]))
-    targets = torch.tensor([synth.cell_labels(s.scene) for s in samples])
-    return pixels, PatchLabels(tuple(synth.ATTRIBUTES), tuple(1 + len(v) for v in synth.ATTRIBUTES.values()), targets)
+    return pixels, world_labels([s.scene for s in samples])
 
 
 def test_tower_learns_each_cell_and_reloads(tmp_path):

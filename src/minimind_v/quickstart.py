@@ -163,15 +163,14 @@ def pretrain_world_tower(captions: Path, cfg: Any, recipe: Recipe, out: Path, se
     from minimind_v.data.images import ImagePreprocessor, load_image
     from minimind_v.model.vision import VisionTower
     from minimind_v.modeldir import save_tower
-    from minimind_v.train.tower import PatchLabels, pretrain_tower
+    from minimind_v.train.tower import pretrain_tower, world_labels
 
     torch.manual_seed(seed)
     preprocess = ImagePreprocessor.for_image_size(cfg.vision.image_size)
     records = [json.loads(line) for line in captions.read_text(encoding="utf-8").splitlines()]
     pixels = torch.from_numpy(np.stack([preprocess.array(load_image(captions.parent / "images" / r["image"]))
                                         for r in records]))
-    targets = torch.tensor([synth.cell_labels(synth.scene_from_record(r["scene"])) for r in records])
-    labels = PatchLabels(tuple(synth.ATTRIBUTES), tuple(1 + len(v) for v in synth.ATTRIBUTES.values()), targets)
+    labels = world_labels([synth.scene_from_record(r["scene"]) for r in records])
     tower = VisionTower(cfg.vision)
     report = pretrain_tower(tower, pixels, labels, recipe.tower_steps, recipe.batch_size, seed=seed)
     save_tower(tower, out, cfg.vision.image_size)

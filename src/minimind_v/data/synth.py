@@ -119,20 +119,29 @@ class SceneObject:
     def cell(self) -> int:
         return self.row * GRID + self.col
 
+    @property
+    def color_shape(self) -> str:
+        return f"{self.color} {self.shape}"
+
 
 Scene = tuple[SceneObject, ...]
 """Objects in reading order (one per cell at most)."""
 
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHAPES, "size": SIZES}
-"""What an object is, attribute by attribute (the vision tower's pretraining labels, see train/tower.py)."""
+"""What an object is, attribute by attribute."""
+
+CELL_LABELS: dict[str, tuple[str, ...]] = {**ATTRIBUTES, "color_shape": tuple(f"{c} {s}" for c in COLORS for s in SHAPES)}
+"""What the vision tower's pretraining names in each cell (train/tower.py): every attribute, and the colour and
+shape together as one of 20 classes. The pair is what "the red circle" looks up; a feature that only adds a
+red part and a circle part gives a red square and a blue circle together the same evidence."""
 
 
 def cell_labels(scene: Scene) -> list[list[int]]:
-    """Per attribute, per cell in reading order: 1 + the value's index, or 0 for an empty cell."""
-    labels = [[0] * GRID ** 2 for _ in ATTRIBUTES]
+    """Per CELL_LABELS entry, per cell in reading order: 1 + the value's index, or 0 for an empty cell."""
+    labels = [[0] * GRID ** 2 for _ in CELL_LABELS]
     for obj in scene:
-        for row, (name, values) in zip(labels, ATTRIBUTES.items()):
+        for row, (name, values) in zip(labels, CELL_LABELS.items()):
             row[obj.cell] = 1 + values.index(getattr(obj, name))
     return labels
 
