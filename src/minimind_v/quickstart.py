@@ -1,10 +1,11 @@
 """`minimind-v quickstart`: the whole pipeline on the synthetic world, on a CPU, within --minutes.
 
 synth -> tokenizer -> the tiny preset's CLIP tower pretrained on its own (train/tower.py: each
-patch names the colour, shape and size in its grid cell; seconds) and then frozen, as CLIP is in
-the real recipe -> the real trainer in two stages (captions, then questions and answers), the
-language model (2 layers here) and the projector learning from scratch -> exact-match evaluation on
-held-out scenes -> a sample chat -> accuracy against minutes and the loss curves.
+patch names the colour, shape, size and colour-shape pair in its grid cell; seconds) and then
+frozen, as CLIP is in the real recipe -> the real trainer in two stages (captions, then questions
+and answers), the language model (2 layers here) and the projector learning from scratch ->
+exact-match evaluation on held-out scenes -> a sample chat -> accuracy against minutes and the
+loss curves.
 
 Why this recipe (measured; numbers in the README): through a from-scratch language model the tower
 never learned shape or size (chance after thousands of steps), while on its own it learns them in
@@ -413,8 +414,9 @@ def _run(opts: QuickstartOptions) -> int:
         threads, quarter_step = fastest_threads(cfg, max(1, recipe.batch_size // 4), round(lengths["captions"]))
         caption_step = quarter_step * recipe.batch_size / max(1, recipe.batch_size // 4) * STEP_OVERHEAD
     # Evaluation, the curve, the chat and a safety margin come after training: keep their time aside
-    # (they took 5 s of a 15-minute run; the trainer also stops at its own time cap).
-    reserve = max(20.0, 0.05 * clock.budget)
+    # (they took 3-5 s of a 15-minute run; with 45 s kept, runs ended 40 s early; the trainer also stops at
+    # its own time cap).
+    reserve = max(15.0, 0.02 * clock.budget)
     caption_time = (clock.left() - reserve) * recipe.caption_share
     caption_setup = 3 + encode_s * sizes["captions"]
     caption_steps = recipe.steps[0] if recipe.steps else steps_for(caption_time, caption_step, caption_setup)
