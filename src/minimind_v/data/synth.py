@@ -131,7 +131,8 @@ Scene = tuple[SceneObject, ...]
 ATTRIBUTES: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHAPES, "size": SIZES}
 """What an object is, attribute by attribute."""
 
-CELL_LABELS: dict[str, tuple[str, ...]] = {**ATTRIBUTES, "color_shape": tuple(f"{c} {s}" for c in COLORS for s in SHAPES)}
+CELL_LABELS: dict[str, tuple[str, ...]] = {**ATTRIBUTES,
+                                           "color_shape": tuple(f"{c} {s}" for c in COLORS for s in SHAPES)}
 """What the vision tower's pretraining names in each cell (train/tower.py): every attribute, and the colour and
 shape together as one of 20 classes. The pair is what "the red circle" looks up; a feature that only adds a
 red part and a circle part gives a red square and a blue circle together the same evidence."""

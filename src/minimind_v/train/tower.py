@@ -5,9 +5,9 @@ mixed signal: in the synthetic world's experiments (scripts/probe_world.py, 4,00
 came through but shape and size stayed at chance. ViT-B/16, the tower MiniMind-V uses, was itself
 first pretrained as a classifier (ImageNet-21k) before CLIP; this is that step at toy scale. Where a
 patch is a grid cell of the synthetic world, its labels are the cell's colour, shape, size and
-colour-shape pair (0: empty), read from the scene records of the training split; a linear head per attribute reads each
-patch's feature, and the heads are thrown away afterwards. On 2 CPU cores it takes seconds; the
-tower is then frozen, as CLIP is in the real recipe, and saved like any Hugging Face tower.
+colour-shape pair (0: empty), read from the scene records of the training split; a linear head per
+label reads each patch's feature, and the heads are thrown away afterwards. On 2 CPU cores it takes
+seconds; the tower is then frozen, as CLIP is in the real recipe, and saved like any Hugging Face tower.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from minimind_v.data import synth
 from minimind_v.model.vision import VisionTower
 
 
@@ -84,10 +85,8 @@ def pretrain_tower(tower: VisionTower, pixels: Tensor, labels: PatchLabels, step
     return TowerReport(steps, round(seconds, 2), round(loss.item(), 4), accuracy)
 
 
-def world_labels(scenes: list) -> PatchLabels:
+def world_labels(scenes: list[synth.Scene]) -> PatchLabels:
     """The synthetic world's labels (data/synth.py CELL_LABELS) for these scenes, one image each."""
-    from minimind_v.data import synth
-
     targets = torch.tensor([synth.cell_labels(scene) for scene in scenes])
     return PatchLabels(tuple(synth.CELL_LABELS), tuple(1 + len(v) for v in synth.CELL_LABELS.values()), targets)
 
