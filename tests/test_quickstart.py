@@ -5,7 +5,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from minimind_v import cli
+from minimind_v import cli, quickstart
 from minimind_v.model.vlm import MiniMindVLM
 from minimind_v.quickstart import QuickstartOptions, Recipe, main, prepare_out, steps_for
 
@@ -58,3 +58,22 @@ def test_step_budget_shrinks_with_a_slower_machine():
     fast, slow = steps_for(600, 0.25, 20), steps_for(600, 0.75, 20)
     assert fast == 2320 and slow == 773
     assert steps_for(10, 5.0, 30) == 1  # never zero: a stage always trains at least one step
+
+
+def test_thread_choice_survives_a_moment_of_contention(monkeypatch):
+    # Round by round, in turn 1 thread then 2: the first 2-thread timing is slowed by another process.
+    timings = iter([0.50, 0.90, 0.50, 0.30, 0.50, 0.30])
+    seen = []
+
+    def fake_step(cfg, batch_size, seq_len):
+        seen.append(torch.get_num_threads())
+        return next(timings)
+
+    monkeypatch.setattr(quickstart, "time_one_step", fake_step)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert quickstart.fastest_threads(None, 8, 64) == (2, 0.30)
+        assert seen == [1, 2, 1, 2, 1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

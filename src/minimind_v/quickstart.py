@@ -215,19 +215,24 @@ def time_one_step(cfg: Any, batch_size: int, seq_len: int) -> float:
     return (time.perf_counter() - began) / 2
 
 
-def fastest_threads(cfg: Any, batch_size: int, seq_len: int) -> tuple[int, float]:
+def fastest_threads(cfg: Any, batch_size: int, seq_len: int, rounds: int = 3) -> tuple[int, float]:
     """Set torch's thread count to the faster of 1 and all cores, measured on the real step.
 
     On an idle machine all cores win; on a busy one (other jobs on the same cores) the threads of one
-    step wait for each other and a single thread can be several times faster.
+    step wait for each other and a single thread can be several times faster. The counts are timed in
+    turn for a few rounds and each is judged by its fastest round: from one round each, a moment of
+    contention (another process starting) once made one thread look faster, and the whole run went at
+    half speed.
     """
-    timings = {}
-    for threads in sorted({1, torch.get_num_threads()}):
-        torch.set_num_threads(threads)
-        timings[threads] = time_one_step(cfg, batch_size, seq_len)
-    best = min(timings, key=timings.__getitem__)
+    timings: dict[int, list[float]] = {threads: [] for threads in sorted({1, torch.get_num_threads()})}
+    for _ in range(rounds):
+        for threads, seconds in timings.items():
+            torch.set_num_threads(threads)
+            seconds.append(time_one_step(cfg, batch_size, seq_len))
+    fastest = {threads: min(seconds) for threads, seconds in timings.items()}
+    best = min(fastest, key=fastest.__getitem__)
     torch.set_num_threads(best)
-    return best, timings[best]
+    return best, fastest[best]
 
 
 @dataclass
