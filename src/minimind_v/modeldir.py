@@ -42,15 +42,13 @@ def save_model(model: MiniMindVLM, directory: str | Path, tokenizer: Any = None)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     if tower_lives_inside(cfg.vision):
-        save_tower(model.vision, directory, cfg.vision.image_size)
-        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, name_or_path=VISION_DIR, init=None))
+        cfg = _save_tower_inside(model.vision, directory, cfg)
     elif Path(cfg.vision.name_or_path).is_dir():
         # A local tower is referenced absolutely, so the directory still works from anywhere.
         cfg = dataclasses.replace(cfg, vision=dataclasses.replace(
             cfg.vision, name_or_path=str(Path(cfg.vision.name_or_path).resolve())))
     _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(weights_to_save(model), tmp, {"format": "pt"}))
-    config = {"format_version": FORMAT_VERSION, **cfg.to_dict()}
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    _write_config(directory, cfg)
     if tokenizer is not None:
         save_tokenizer(tokenizer, directory)  # the chat template kept inside tokenizer_config.json
 
@@ -63,8 +61,16 @@ def embed_tower(directory: str | Path) -> None:
     if cfg.vision.name_or_path == VISION_DIR:
         return
     tower = VisionTower(cfg.vision, source=vision_source(cfg.vision, directory))
+    _write_config(directory, _save_tower_inside(tower, directory, cfg))
+
+
+def _save_tower_inside(tower: VisionTower, directory: Path, cfg: VLMConfig) -> VLMConfig:
+    """Write the tower to directory/vision/; the config to store, pointing there."""
     save_tower(tower, directory, cfg.vision.image_size)
-    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, name_or_path=VISION_DIR, init=None))
+    return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, name_or_path=VISION_DIR, init=None))
+
+
+def _write_config(directory: Path, cfg: VLMConfig) -> None:
     config = {"format_version": FORMAT_VERSION, **cfg.to_dict()}
     _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
 
