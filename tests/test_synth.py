@@ -207,3 +207,13 @@ def test_cell_labels_read_back_from_the_record(tmp_path):
         assert [labels[k][obj.cell] - 1 for k in range(4)] == [
             list(synth.COLORS).index(obj.color), synth.SHAPES.index(obj.shape), synth.SIZES.index(obj.size),
             list(synth.COLORS).index(obj.color) * len(synth.SHAPES) + synth.SHAPES.index(obj.shape)]
+
+
+def test_a_conversation_never_repeats_a_question(tmp_path):
+    # Drawn independently, 13% of the quickstart's turns repeated an earlier question of their conversation.
+    records = _read_jsonl(_write(tmp_path, "turns", n=300, seed=11, lang="mix", max_turns=8,
+                                 type_weights="count=2,position=3,exist=3,left_of=5,above=5"))
+    turns = [[t["content"].removeprefix("<image>\n") for t in r["conversations"][::2]] for r in records]
+    assert all(len(set(questions)) == len(questions) for questions in turns)
+    assert sum(map(len, turns)) / len(turns) > 4  # most draw 1-8 turns and still get them
+    assert max(map(len, turns)) == 8
