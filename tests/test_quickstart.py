@@ -12,16 +12,16 @@ from minimind_v.quickstart import QuickstartOptions, Recipe, main, prepare_out, 
 
 def test_quickstart_runs_end_to_end_and_writes_a_model(tmp_path, capsys):
     out = tmp_path / "qs"
-    recipe = Recipe(caption_samples=24, qa_samples=24, test_samples=12, curve_samples=6, batch_size=8,
-                    checkpoints_per_stage=1, vocab_size=400, tower_steps=5)
+    recipe = Recipe(qa_samples=24, tower_samples=16, test_samples=12, curve_samples=6, batch_size=8,
+                    checkpoints=1, vocab_size=400, tower_steps=5)
     threads = torch.get_num_threads()
     assert main(QuickstartOptions(out=str(out), minutes=0.3, seed=1, recipe=recipe)) == 0
     assert torch.get_num_threads() == threads  # the run's thread choice does not leak out
 
     model = MiniMindVLM.from_pretrained(out / "model")
     assert model.cfg.image_token_len == model.cfg.vision.num_patches
-    # The tower was pretrained on its own, saved as a Hugging Face tower, stayed frozen in both stages, and
-    # travels inside the final model (the stages' models reference OUT/vision).
+    # The tower was pretrained on its own, saved as a Hugging Face tower, stayed frozen in training, and
+    # travels inside the final model (the trainer's model references OUT/vision).
     assert model.cfg.vision.freeze and model.cfg.vision.name_or_path == "vision"
     assert json.loads((out / "sft" / "model" / "config.json").read_text())["vision"]["name_or_path"] == str(
         (out / "vision").resolve())
@@ -31,11 +31,11 @@ def test_quickstart_runs_end_to_end_and_writes_a_model(tmp_path, capsys):
     assert model.cfg.lm.num_hidden_layers == recipe.layers
     summary = json.loads((out / "quickstart.json").read_text(encoding="utf-8"))
     assert summary["tower"]["steps"] == 5 and set(summary["tower"]["held_out_accuracy"]) == {"color", "shape", "size", "color_shape"}
-    assert [s["name"] for s in summary["stages"]] == ["pretrain", "sft"]
-    assert all(s["steps"] >= 1 for s in summary["stages"])
+    assert summary["training"]["name"] == "sft" and summary["training"]["steps"] >= 1
+    assert 0 < summary["plan"]["shape"]["supervised"] < 1 and summary["plan"]["step_s"] > 0
     assert summary["eval"]["scored"] == 12 and summary["eval"]["by_type"]
     curve = json.loads((out / "accuracy.json").read_text())
-    assert [p["stage"] for p in curve][-1] == "final" and len(curve) >= 3
+    assert [p["stage"] for p in curve] == ["sft", "final"]
     assert all(0 <= p["minutes"] <= summary["minutes"] + 0.01 for p in curve)
     for name in ("accuracy.png", "loss.png", "eval.json", "predictions.jsonl"):
         assert (out / name).stat().st_size > 0
@@ -65,7 +65,8 @@ def test_thread_choice_survives_a_moment_of_contention(monkeypatch):
     timings = iter([0.50, 0.90, 0.50, 0.30, 0.50, 0.30])
     seen = []
 
-    def fake_step(cfg, batch_size, seq_len):
+    def fake_step(cfg, batch_size, seq_len, supervised):
+        assert supervised == 0.25
         seen.append(torch.get_num_threads())
         return next(timings)
 
@@ -73,7 +74,7 @@ def test_thread_choice_survives_a_moment_of_contention(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert quickstart.fastest_threads(None, 8, 64) == (2, 0.30)
+        assert quickstart.fastest_threads(None, 8, 64, 0.25) == (2, 0.30)
         assert seen == [1, 2, 1, 2, 1, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
