@@ -192,7 +192,7 @@ class Shape:
 
 def sample_shape(data: Path, tokenizer: Any, cfg: Any, n: int = 200) -> Shape:
     from minimind_v.data.formats import open_dataset
-    from minimind_v.data.images import ImagePreprocessor, load_image
+    from minimind_v.data.images import ImagePreprocessor, load_image, resolve_image_path
     from minimind_v.data.template import encode_conversation
 
     began = time.perf_counter()
@@ -200,14 +200,14 @@ def sample_shape(data: Path, tokenizer: Any, cfg: Any, n: int = 200) -> Shape:
     samples = [reader[i] for i in range(min(n, len(reader)))]
     encoded = [encode_conversation(tokenizer, s.conversations, cfg, len(s.images), 4096) for s in samples]
     preprocess = ImagePreprocessor.for_image_size(cfg.vision.image_size)
-    for line in data.read_text(encoding="utf-8").splitlines()[:len(samples)]:  # synth's layout: images/ beside
-        preprocess.array(load_image(data.parent / "images" / json.loads(line)["image"]))
+    for ref in (ref for s in samples for ref in s.images):  # synth writes paths relative to the image folder
+        preprocess.array(load_image(resolve_image_path(reader.images_dir, ref)))
     tokens = sum(len(e.input_ids) for e in encoded)
     supervised = sum(sum(1 for label in e.labels if label != -100) for e in encoded)
     return Shape(tokens / len(encoded), supervised / max(tokens, 1), (time.perf_counter() - began) / len(samples))
 
 
-def time_one_step(cfg: Any, batch_size: int, seq_len: int, supervised: float = 1.0) -> float:
+def time_one_step(cfg: Any, batch_size: int, seq_len: int, supervised: float) -> float:
     """Seconds for one training step (forward, backward, AdamW) of the real model on a batch of this shape,
     `supervised` of each row's tokens labelled."""
     from minimind_v.model.vlm import MiniMindVLM
@@ -236,7 +236,7 @@ def time_one_step(cfg: Any, batch_size: int, seq_len: int, supervised: float = 1
     return (time.perf_counter() - began) / 2
 
 
-def fastest_threads(cfg: Any, batch_size: int, seq_len: int, supervised: float = 1.0,
+def fastest_threads(cfg: Any, batch_size: int, seq_len: int, supervised: float,
                     rounds: int = 3) -> tuple[int, float]:
     """Set torch's thread count to the faster of 1 and all cores, measured on the real step.
 
@@ -269,14 +269,6 @@ class TrainingRun:
     """The training loop alone, from the trainer's metrics."""
     tokens: int
     """Tokens trained on (padding included), from the trainer's metrics."""
-
-    @property
-    def seconds_per_token(self) -> float:
-        return self.train_s / max(self.tokens, 1)
-
-    @property
-    def setup_s(self) -> float:
-        return max(0.0, self.wall_s - self.train_s)
 
 
 def train_world(data: Path, n_samples: int, run_dir: Path, tokenizer_dir: Path, vision: Path, steps: int,
@@ -328,18 +320,17 @@ def checkpoint_engines(run_dir: Path) -> list[tuple[Path, Any]]:
     return engines
 
 
-def accuracy_curve(run_dirs: list[Path], test: Path, limit: int, wall_start: float) -> list[dict[str, Any]]:
+def accuracy_curve(run_dir: Path, test: Path, limit: int, wall_start: float) -> list[dict[str, Any]]:
     """Held-out exact match at every checkpoint, against the wall-clock minute the checkpoint was written."""
     from minimind_v.evaluate import evaluate
 
     points = []
-    for run_dir in run_dirs:
-        for path, engine in checkpoint_engines(run_dir):
-            report, _ = evaluate(run_dir / "model", test, limit=limit, engine=engine)
-            points.append({"stage": run_dir.name, "step": int(path.name.split("-")[1]),
-                           "minutes": round(((path / "state.json").stat().st_mtime - wall_start) / 60, 3),
-                           "exact_match": report["exact_match"], "short": report["short"]["exact_match"],
-                           "long": report["long"]["exact_match"]})
+    for path, engine in checkpoint_engines(run_dir):
+        report, _ = evaluate(run_dir / "model", test, limit=limit, engine=engine)
+        points.append({"stage": run_dir.name, "step": int(path.name.split("-")[1]),
+                       "minutes": round(((path / "state.json").stat().st_mtime - wall_start) / 60, 3),
+                       "exact_match": report["exact_match"], "short": report["short"]["exact_match"],
+                       "long": report["long"]["exact_match"]})
     return points
 
 
@@ -455,7 +446,7 @@ def _run(opts: QuickstartOptions) -> int:
                    "exact_match": report["exact_match"], "short": report["short"]["exact_match"],
                    "long": report["long"]["exact_match"]}
     with clock.phase("accuracy curve"):
-        points = accuracy_curve([out / "sft"], data["test"], recipe.curve_samples, wall_start)
+        points = accuracy_curve(out / "sft", data["test"], recipe.curve_samples, wall_start)
         points.append(final_point)
     with clock.phase("sample chat"):
         chat = sample_chat(out / "model", data["test"])

@@ -341,6 +341,10 @@ def _ask_any(scene: Scene, rng: random.Random, lang: str, types: tuple[str, ...]
             return qtype, qa
 
 
+REDRAWS = 8
+"""Draws per wanted turn before a conversation settles for fewer (distinct) questions."""
+
+
 def _conversation(scene: Scene, rng: random.Random, lang: str, types: tuple[str, ...],
                   turns: int) -> list[tuple[str, Question]]:
     """Up to `turns` questions about the scene, none asked twice.
@@ -357,10 +361,6 @@ def _conversation(scene: Scene, rng: random.Random, lang: str, types: tuple[str,
         if all(qa[0] != earlier[0] for _, earlier in asked):
             asked.append((qtype, qa))
     return asked
-
-
-REDRAWS = 8
-"""Draws per wanted turn before a conversation settles for fewer (distinct) questions."""
 
 
 # --- samples ---------------------------------------------------------------------------------
