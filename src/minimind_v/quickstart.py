@@ -320,6 +320,12 @@ def checkpoint_engines(run_dir: Path) -> list[tuple[Path, Any]]:
     return engines
 
 
+def curve_point(stage: str, step: int, minutes: float, report: dict[str, Any]) -> dict[str, Any]:
+    """One point of the accuracy curve: an evaluation report's exact match (all, short, long) at a minute."""
+    return {"stage": stage, "step": step, "minutes": round(minutes, 3), "exact_match": report["exact_match"],
+            "short": report["short"]["exact_match"], "long": report["long"]["exact_match"]}
+
+
 def accuracy_curve(run_dir: Path, test: Path, limit: int, wall_start: float) -> list[dict[str, Any]]:
     """Held-out exact match at every checkpoint, against the wall-clock minute the checkpoint was written."""
     from minimind_v.evaluate import evaluate
@@ -327,16 +333,14 @@ def accuracy_curve(run_dir: Path, test: Path, limit: int, wall_start: float) -> 
     points = []
     for path, engine in checkpoint_engines(run_dir):
         report, _ = evaluate(run_dir / "model", test, limit=limit, engine=engine)
-        points.append({"stage": run_dir.name, "step": int(path.name.split("-")[1]),
-                       "minutes": round(((path / "state.json").stat().st_mtime - wall_start) / 60, 3),
-                       "exact_match": report["exact_match"], "short": report["short"]["exact_match"],
-                       "long": report["long"]["exact_match"]})
+        minutes = ((path / "state.json").stat().st_mtime - wall_start) / 60
+        points.append(curve_point(run_dir.name, int(path.name.split("-")[1]), minutes, report))
     return points
 
 
-def plot_curves(points: list[dict[str, Any]], stages: list[tuple[str, list[dict[str, Any]], float]],
-                out: Path) -> None:
-    """accuracy.png (exact match against minutes) and loss.png (the training loss against minutes)."""
+def plot_curves(points: list[dict[str, Any]], metrics: list[dict[str, Any]], began_min: float, out: Path) -> None:
+    """accuracy.png (exact match against minutes) and loss.png (the training loss against minutes; training
+    began `began_min` minutes after the quickstart)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -352,10 +356,9 @@ def plot_curves(points: list[dict[str, Any]], stages: list[tuple[str, list[dict[
     _save(fig, ax, out / "accuracy.png")
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for name, records, offset_min in stages:
-        xy = [(offset_min + r["elapsed"] / 60, r["loss"]) for r in records if "loss" in r]
-        if xy:
-            ax.plot(*zip(*xy), label=f"{name} loss", linewidth=1.2)
+    xy = [(began_min + r["elapsed"] / 60, r["loss"]) for r in metrics if "loss" in r]
+    if xy:
+        ax.plot(*zip(*xy), label="training loss", linewidth=1.2)
     ax.set(xlabel="minutes since quickstart began", ylabel="cross-entropy per answer token", yscale="log",
            title="minimind-v quickstart: training loss")
     _save(fig, ax, out / "loss.png")
@@ -442,9 +445,7 @@ def _run(opts: QuickstartOptions) -> int:
         report, items = evaluate(out / "model", data["test"])
         write_predictions(items, out / "predictions.jsonl")
         (out / "eval.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
-    final_point = {"stage": "final", "step": run.steps, "minutes": round(clock.elapsed() / 60, 3),
-                   "exact_match": report["exact_match"], "short": report["short"]["exact_match"],
-                   "long": report["long"]["exact_match"]}
+    final_point = curve_point("final", run.steps, clock.elapsed() / 60, report)
     with clock.phase("accuracy curve"):
         points = accuracy_curve(out / "sft", data["test"], recipe.curve_samples, wall_start)
         points.append(final_point)
@@ -452,7 +453,7 @@ def _run(opts: QuickstartOptions) -> int:
         chat = sample_chat(out / "model", data["test"])
     metrics = out / "sft" / "metrics.jsonl"
     began_min = metrics.stat().st_mtime / 60 - run.train_s / 60 - wall_start / 60
-    plot_curves(points, [("training", read_metrics(metrics), began_min)], out)
+    plot_curves(points, read_metrics(metrics), began_min, out)
     (out / "accuracy.json").write_text(json.dumps(points, indent=2) + "\n")
     summary = {"minutes": round(clock.elapsed() / 60, 2), "budget_minutes": opts.minutes, "seed": opts.seed,
                "phases_s": clock.phases, "tower": tower, "training": vars(run),
