@@ -376,12 +376,13 @@ def _save(fig: Any, ax: Any, path: Path) -> None:
 
 def sample_chat(model_dir: Path, test: Path) -> list[dict[str, str]]:
     """Ask the final model about the first held-out image, in both languages."""
-    from minimind_v.data.images import load_image
+    from minimind_v.data.formats import open_dataset
+    from minimind_v.data.images import load_image, resolve_image_path
     from minimind_v.infer.engine import Engine, SamplingParams
 
     engine = Engine.load(model_dir, "cpu")
-    record = json.loads(test.read_text(encoding="utf-8").splitlines()[0])
-    image_path = test.parent / "images" / record["image"]
+    reader = open_dataset(test)
+    image_path = resolve_image_path(reader.images_dir, reader[0].images[0])
     image = load_image(image_path)
     questions = ["Describe the image in detail.", "How many objects are there?", "详细描述这张图片。"]
     params = SamplingParams(max_new_tokens=96, temperature=0.0)
