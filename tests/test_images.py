@@ -10,7 +10,7 @@ from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from minimind_v.data.formats import BadSample
-from minimind_v.data.images import ImagePreprocessor, load_image, resolve_image_path, to_rgb
+from minimind_v.data.images import ImageFolder, ImagePreprocessor, load_image, resolve_image_path, to_rgb
 from minimind_v.errors import UserError
 
 
@@ -105,6 +105,28 @@ def test_paths_stay_inside_the_image_folder(tmp_path):
             resolve_image_path(root, name)
     with pytest.raises(BadSample, match="missing_image"):
         resolve_image_path(root, "sub/none.png")
+
+
+
+def test_image_folder_resolves_once_per_directory_and_still_refuses_the_way_out(tmp_path):
+    root, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    (root / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    for path in (root / "a.png", root / "sub" / "b.png", elsewhere / "c.png"):
+        _noise(2, 2).save(path)
+    (root / "out").symlink_to(elsewhere)  # a directory link leading out
+    (root / "sub" / "alias.png").symlink_to(root / "a.png")  # a file link staying inside
+    (root / "sub" / "gone.png").symlink_to(root / "none.png")  # a dangling link
+    folder = ImageFolder(root)
+    assert folder.resolve("a.png") == (root / "a.png").resolve()
+    assert folder.resolve("sub/b.png") == (root / "sub" / "b.png").resolve()
+    assert folder.resolve("sub/alias.png") == (root / "a.png").resolve()
+    assert folder.resolve(str(root / "sub" / "b.png")) == (root / "sub" / "b.png").resolve()
+    for name, reason in (("out/c.png", "image_path"), ("sub/../../elsewhere/c.png", "image_path"),
+                         ("sub/gone.png", "missing_image"), ("sub", "missing_image"), ("nodir/x.png", "missing_image"),
+                         ("sub/..", "missing_image")):
+        with pytest.raises(BadSample, match=reason):
+            folder.resolve(name)
 
 
 def test_pixel_values_batch_in_order():

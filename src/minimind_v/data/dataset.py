@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from minimind_v.data.formats import BadSample, ImageRef, RawSample, Reader
-from minimind_v.data.images import DEFAULT_MAX_PIXELS, ImagePreprocessor, load_image, resolve_image_path
+from minimind_v.data.images import DEFAULT_MAX_PIXELS, ImageFolder, ImagePreprocessor, load_image
 from minimind_v.data.template import IGNORE_INDEX, EncodedSample, ImageTokens, encode_conversation, encode_text
 from minimind_v.errors import UserError
 
@@ -148,6 +148,7 @@ class VLMDataset(torch.utils.data.Dataset):
         if self.settings.decode_images and preprocessor is None and not self.settings.text_only:
             raise ValueError("decode_images needs an ImagePreprocessor")
         self.store: EncodingStore | None = EncodingStore()
+        self.folder = ImageFolder(reader.images_dir or Path("."))
         self.indices, self.lengths, self.bad_upfront = self._scan()
 
     def _scan(self) -> tuple[np.ndarray, np.ndarray, list[BadSample]]:
@@ -201,8 +202,7 @@ class VLMDataset(torch.utils.data.Dataset):
         return Sample(ids, labels, pixels, refs, raw.source)
 
     def _resolve(self, refs: list[ImageRef]) -> list[ImageRef]:
-        root = self.reader.images_dir or Path(".")
-        return [str(resolve_image_path(root, ref)) if isinstance(ref, str) else ref for ref in refs]
+        return [str(self.folder.resolve(ref)) if isinstance(ref, str) else ref for ref in refs]
 
     def _pixels(self, refs: list[ImageRef]) -> torch.Tensor:
         images = [load_image(ref, self.settings.max_pixels) for ref in refs]
