@@ -107,8 +107,7 @@ def test_paths_stay_inside_the_image_folder(tmp_path):
         resolve_image_path(root, "sub/none.png")
 
 
-
-def test_image_folder_resolves_once_per_directory_and_still_refuses_the_way_out(tmp_path):
+def test_image_folder_resolves_links_inside_and_refuses_the_way_out(tmp_path):
     root, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
     (root / "sub").mkdir(parents=True)
     elsewhere.mkdir()

@@ -199,7 +199,7 @@ class Shape:
 
 def sample_shape(data: Path, tokenizer: Any, cfg: Any, n: int = 200) -> Shape:
     from minimind_v.data.formats import open_dataset
-    from minimind_v.data.images import ImagePreprocessor, load_image, resolve_image_path
+    from minimind_v.data.images import ImageFolder, ImagePreprocessor, load_image
     from minimind_v.data.template import encode_conversation
 
     began = time.perf_counter()
@@ -207,8 +207,9 @@ def sample_shape(data: Path, tokenizer: Any, cfg: Any, n: int = 200) -> Shape:
     samples = [reader[i] for i in range(min(n, len(reader)))]
     encoded = [encode_conversation(tokenizer, s.conversations, cfg, len(s.images), 4096) for s in samples]
     preprocess = ImagePreprocessor.for_image_size(cfg.vision.image_size)
-    for ref in (ref for s in samples for ref in s.images):  # synth writes paths relative to the image folder
-        preprocess.array(load_image(resolve_image_path(reader.images_dir, ref)))
+    folder = ImageFolder(reader.images_dir)  # synth writes paths relative to the image folder
+    for ref in (ref for s in samples for ref in s.images):
+        preprocess.array(load_image(folder.resolve(ref)))
     tokens = sum(len(e.input_ids) for e in encoded)
     supervised = sum(sum(1 for label in e.labels if label != -100) for e in encoded)
     return Shape(tokens / len(encoded), supervised / max(tokens, 1), (time.perf_counter() - began) / len(samples))
