@@ -42,6 +42,29 @@ def transformers_side(exported):
     return model.eval(), tokenizer, processor
 
 
+@pytest.fixture(scope="module")
+def hf_processor(exported, transformers_side):
+    """AutoProcessor of the export, loaded and called with minimind_v unimportable."""
+    from transformers import AutoProcessor
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "minimind_v", None)
+        yield AutoProcessor.from_pretrained(exported, trust_remote_code=True)
+
+
+def without_minimind_v(run):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "minimind_v", None)
+        return run()
+
+
+def answer_tokens(model, row: list[int]) -> list[int]:
+    """A generated row as our engine reports it: the stop token transformers keeps, dropped."""
+    stops = model.generation_config.eos_token_id
+    stops = stops if isinstance(stops, list) else [stops]
+    return row[:-1] if row and row[-1] in stops else row
+
+
 def picture(color) -> Image.Image:
     return Image.new("RGB", (50, 36), color)
 
@@ -49,12 +72,17 @@ def picture(color) -> Image.Image:
 def test_export_layout(exported):
     config = json.loads((exported / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_minimind_v.MiniMindVConfig",
-                                  "AutoModelForCausalLM": "modeling_minimind_v.MiniMindVForCausalLM"}
+                                  "AutoModelForCausalLM": "modeling_minimind_v.MiniMindVForCausalLM",
+                                  "AutoProcessor": "processing_minimind_v.MiniMindVProcessor"}
     for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
-                 "generation_config.json", "configuration_minimind_v.py", "modeling_minimind_v.py"):
+                 "processor_config.json", "generation_config.json", "configuration_minimind_v.py",
+                 "modeling_minimind_v.py", "processing_minimind_v.py"):
         assert (exported / name).is_file(), name
-    code = (exported / "modeling_minimind_v.py").read_text() + (exported / "configuration_minimind_v.py").read_text()
-    assert "minimind_v." not in code.replace("configuration_minimind_v", "").replace("modeling_minimind_v", "")
+    code = "".join((exported / f"{kind}_minimind_v.py").read_text() for kind in ("modeling", "configuration",
+                                                                                  "processing"))
+    for kind in ("configuration", "modeling", "processing"):
+        code = code.replace(f"{kind}_minimind_v", "")
+    assert "minimind_v." not in code
 
 
 @pytest.mark.parametrize("n_images", [0, 1])
@@ -120,3 +148,95 @@ def test_import_hf_refuses_other_directories(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="expected 'minimind_v'"):
         from minimind_v.convert.hf import import_hf
         import_hf(tiny_model_dir, tmp_path / "out")
+
+
+COLORS = [(200, 40, 40), (20, 200, 20), (30, 30, 220)]
+
+
+def parts_message(n_images: int, text: str) -> dict:
+    """transformers' multimodal convention: a list of parts, the images first."""
+    return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
+
+
+@pytest.mark.parametrize("n_images", [0, 1, 2])
+@pytest.mark.parametrize("content", ["string", "parts"])
+def test_processor_generate_equals_engine(engine, transformers_side, hf_processor, n_images, content):
+    model = transformers_side[0]
+    images = [picture(c) for c in COLORS[:n_images]]
+    text = "what color is it" if n_images < 2 else "which one is red"
+    ours_messages = [{"role": "user", "content": "<image>\n" * n_images + text}]
+    messages = ours_messages if content == "string" else [parts_message(n_images, text)]
+    ours = engine.chat(ours_messages, images, SamplingParams(max_new_tokens=12))
+
+    def transformers_only():
+        prompt = hf_processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = hf_processor(text=prompt, images=images or None, return_tensors="pt")
+        with torch.inference_mode():
+            return inputs, model.generate(**inputs, max_new_tokens=12, do_sample=False)
+
+    inputs, out = without_minimind_v(transformers_only)
+    expected_prompt = build_prompt(engine.tokenizer, ours_messages, engine.config.image_token_id,
+                                   engine.config.image_token_len)
+    assert inputs["input_ids"][0].tolist() == expected_prompt
+    if images:
+        assert torch.allclose(inputs["pixel_values"], engine.encode_images(images), atol=1e-5)
+    new = answer_tokens(model, out[0, inputs["input_ids"].shape[1]:].tolist())
+    assert new == ours.token_ids
+    assert len(set(new)) > 3
+
+
+def test_processor_left_padded_batch_of_three_equals_engine(engine, transformers_side, hf_processor):
+    model = transformers_side[0]
+    asked = [(2, "which one is green"), (0, "hi"), (1, "describe the image in a few words please")]
+    images = [[picture(COLORS[0]), picture(COLORS[1])], [], [picture(COLORS[2])]]
+
+    def transformers_only():
+        prompts = hf_processor.apply_chat_template([[parts_message(n, text)] for n, text in asked],
+                                                   add_generation_prompt=True)
+        inputs = hf_processor(text=prompts, images=images, return_tensors="pt")
+        with torch.inference_mode():
+            return inputs, model.generate(**inputs, max_new_tokens=10, do_sample=False)
+
+    inputs, out = without_minimind_v(transformers_only)
+    mask = inputs["attention_mask"]
+    assert len(set(mask.sum(1).tolist())) == 3 and (mask[:, -1] == 1).all()  # three lengths, padded on the left
+    ours_prompts = [build_prompt(engine.tokenizer, [{"role": "user", "content": "<image>\n" * n + text}],
+                                 engine.config.image_token_id, engine.config.image_token_len) for n, text in asked]
+    ours = engine.generate(ours_prompts, images, SamplingParams(max_new_tokens=10))
+    width = inputs["input_ids"].shape[1]
+    for row, done in zip(out[:, width:].tolist(), ours):
+        assert answer_tokens(model, row[:len(done.token_ids) + 1]) == done.token_ids
+
+
+def test_processor_tokenized_chat_carries_the_images(transformers_side, hf_processor):
+    images = [picture(COLORS[0]), picture(COLORS[2])]
+    messages = [{"role": "user", "content": [{"type": "image", "image": images[0]},
+                                             {"type": "image", "image": images[1]},
+                                             {"type": "text", "text": "which one is blue"}]}]
+
+    def transformers_only():
+        direct = hf_processor(text=hf_processor.apply_chat_template(messages, add_generation_prompt=True),
+                              images=images)
+        return direct, hf_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=True)
+
+    direct, tokenized = without_minimind_v(transformers_only)
+    assert torch.equal(tokenized["input_ids"], direct["input_ids"])
+    assert torch.equal(tokenized["pixel_values"], direct["pixel_values"])
+    with pytest.raises(ValueError, match="1 <image> marker"):
+        hf_processor(text="<image>\nwhat", images=images)
+
+
+def test_sampled_generation_with_cache_equals_without(transformers_side, hf_processor):
+    """Cached decoding is the same computation as recomputing the whole sequence, sampling included."""
+    model = transformers_side[0]
+    inputs = hf_processor(text=hf_processor.apply_chat_template([parts_message(1, "what")],
+                                                                add_generation_prompt=True),
+                          images=[picture(COLORS[1])])
+    outs = []
+    for use_cache in (True, False):
+        torch.manual_seed(7)
+        with torch.inference_mode():
+            outs.append(model.generate(**inputs, max_new_tokens=10, do_sample=True, temperature=1.5, top_k=0,
+                                       use_cache=use_cache).tolist())
+    assert outs[0] == outs[1]

@@ -2,15 +2,19 @@
 
 The exported directory needs transformers, not minimind-v:
 
-    config.json                 MiniMindVConfig, with auto_map -> the two .py files below
+    config.json                 MiniMindVConfig, with auto_map -> the three .py files below
     configuration_minimind_v.py
     modeling_minimind_v.py      MiniMindVForCausalLM (PreTrainedModel + GenerationMixin), same numerics as ours
+    processing_minimind_v.py    MiniMindVProcessor: chat template, <image> expansion, image preprocessing
     model.safetensors           our state dict as it is (vision tower included under vision.model.*)
     generation_config.json      stop on <|im_end|> and <|endoftext|>
+    processor_config.json       the processor's placeholder settings (image_token_id, image_token_len)
     tokenizer files, preprocessor_config.json (the vision tower's image preprocessing)
 
     model = AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
-    model.generate(input_ids, attention_mask=..., pixel_values=...)
+    processor = AutoProcessor.from_pretrained(dir, trust_remote_code=True)
+    inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True), images=images)
+    model.generate(**inputs)
 
 import-hf reads such a directory back into a minimind-v model directory, weights unchanged.
 """
@@ -30,10 +34,11 @@ import torch
 from minimind_v.errors import UserError
 
 TEMPLATE = Path(__file__).with_name("hf_template")
-CODE_FILES = ("configuration_minimind_v.py", "modeling_minimind_v.py")
+CODE_FILES = ("configuration_minimind_v.py", "modeling_minimind_v.py", "processing_minimind_v.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 AUTO_MAP = {"AutoConfig": "configuration_minimind_v.MiniMindVConfig",
-            "AutoModelForCausalLM": "modeling_minimind_v.MiniMindVForCausalLM"}
+            "AutoModelForCausalLM": "modeling_minimind_v.MiniMindVForCausalLM",
+            "AutoProcessor": "processing_minimind_v.MiniMindVProcessor"}
 
 
 @dataclass
@@ -70,6 +75,7 @@ def _template(name: str) -> Any:
 
 def export_hf(model_dir: str | Path, out: str | Path) -> None:
     from minimind_v.data.images import load_image_processor
+    from minimind_v.data.template import IMAGE_MARKER
     from minimind_v.data.tokenizer import load_tokenizer, save_tokenizer
     from minimind_v.model.vlm import MiniMindVLM
 
@@ -89,6 +95,10 @@ def export_hf(model_dir: str | Path, out: str | Path) -> None:
         shutil.copyfile(TEMPLATE / name, out / name)
     save_tokenizer(tokenizer, out)
     processor.save(out)
+    settings = {"processor_class": "MiniMindVProcessor", "auto_map": {"AutoProcessor": AUTO_MAP["AutoProcessor"]},
+                "image_marker": IMAGE_MARKER, "image_token_id": config.image_token_id,
+                "image_token_len": config.image_token_len}
+    (out / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def hf_config(model: Any, tokenizer: Any) -> Any:

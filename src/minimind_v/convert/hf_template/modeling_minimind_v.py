@@ -7,10 +7,10 @@ vision tower's patch features, projected, replace each run of `image_token_len` 
 (`image_token_id`), the k-th run (row by row) taking the k-th image. Pass `pixel_values` to
 `generate` with the prompt; later decoding steps carry no placeholders.
 
-Build the prompt at the token level: tokenize the chat-template text around each image and put
-`[config.image_token_id] * config.image_token_len` where the image goes (a placeholder such as "@"
-must not go through BPE, which would merge repeated copies). pixel_values come from the directory's
-preprocessor_config.json (AutoImageProcessor); batches are left-padded with an attention_mask.
+The export's MiniMindVProcessor (processing_minimind_v.py, `AutoProcessor`) builds the inputs: the chat
+template, each `<image>` as `[config.image_token_id] * config.image_token_len` at the token level (a
+placeholder such as "@" must not go through BPE, which would merge repeated copies), pixel_values from
+the directory's image processor, and left-padded batches with an attention_mask.
 """
 
 import math
@@ -28,6 +28,11 @@ try:
     from transformers import Siglip2VisionModel
 except ImportError:  # older transformers: CLIP and SigLIP towers still work
     Siglip2VisionModel = None
+
+# transformers 5.24 renamed the decoding cache from `past_key_values` to `cache`, in what `generate` passes
+# to `forward` and in what it reads back from the output. `forward` takes either name and answers under the
+# name of the installed version, so neither side of the rename starts a fresh cache every step.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 TOWERS = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel, "siglip2": Siglip2VisionModel}
 
@@ -289,20 +294,22 @@ class MiniMindVForCausalLM(PreTrainedModel, GenerationMixin):
         embeds[is_image] = projected.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
         return embeds
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, **kwargs):
+        if cache is None:  # transformers < 5.24 (and callers written for it) pass past_key_values
+            cache = past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.lm.embed_tokens(input_ids)
             if pixel_values is not None and bool((input_ids == self.config.image_token_id).any()):
                 inputs_embeds = self.insert_images(input_ids, inputs_embeds, self.encode_images(pixel_values))
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        hidden = self.lm(inputs_embeds, attention_mask, position_ids, past_key_values if use_cache else None)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        hidden = self.lm(inputs_embeds, attention_mask, position_ids, cache if use_cache else None)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm.lm_head(self.lm.norm(hidden))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
