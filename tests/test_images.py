@@ -135,3 +135,22 @@ def test_pixel_values_batch_in_order():
     assert batch.shape == (2, 3, 16, 16)
     torch.testing.assert_close(batch[1], prep(to_rgb(images[1])))
     assert json.loads(json.dumps(prep.to_config()))["crop_size"] == {"height": 16, "width": 16}
+
+
+def test_processor_config_of_transformers_5_is_read_like_preprocessor_config(tmp_path, tokenizer_dir):
+    """transformers 5 processors save processor_config.json (image processor inside), no preprocessor_config.json."""
+    from transformers import AutoTokenizer, CLIPProcessor
+
+    reference = CLIPImageProcessorPil(size={"shortest_edge": 40}, crop_size={"height": 36, "width": 36},
+                                      image_mean=[0.5, 0.4, 0.3])
+    CLIPProcessor(image_processor=reference, tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir)).save_pretrained(
+        tmp_path / "new")
+    assert (tmp_path / "new" / "processor_config.json").is_file()
+    assert not (tmp_path / "new" / "preprocessor_config.json").exists()
+    reference.save_pretrained(tmp_path / "old")
+    new, old = ImagePreprocessor.from_pretrained(tmp_path / "new"), ImagePreprocessor.from_pretrained(tmp_path / "old")
+    assert new == old == ImagePreprocessor.from_config(reference.to_dict())
+    assert (new.shortest_edge, new.height, new.mean) == (40, 36, (0.5, 0.4, 0.3))
+    image = _noise(70, 50)
+    torch.testing.assert_close(new(image), reference(image, return_tensors="pt")["pixel_values"][0], atol=1e-5,
+                               rtol=0)

@@ -95,3 +95,41 @@ def test_position_init_std_must_be_positive():
                        position_init_std=-0.5)
     with pytest.raises(UserError, match="position_init_std -0.5: must be positive"):
         VisionTower(cfg)
+
+
+def full_clip(tmp_path, drop: str | None = None):
+    """A whole CLIPModel checkpoint (text half included), the form the hub's CLIP towers come in."""
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(text_config=dict(SMALL, vocab_size=99, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                        vision_config=dict(SMALL, image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    model = CLIPModel(config).eval()
+    model.save_pretrained(tmp_path)
+    if drop is not None:
+        weights = load_file(tmp_path / "model.safetensors")
+        del weights[drop]
+        save_file(weights, tmp_path / "model.safetensors", {"format": "pt"})
+    return model
+
+
+def test_full_clip_checkpoint_loads_its_vision_half_and_says_so_in_one_line(tmp_path, capfd, caplog):
+    full = full_clip(tmp_path)
+    capfd.readouterr()
+    tower = VisionTower(VisionConfig(name_or_path=str(tmp_path), hidden_size=32, image_size=32, num_patches=16))
+    err = capfd.readouterr().err
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(tower(pixels), full.vision_model(pixel_values=pixels).last_hidden_state[:, 1:])
+    for shown in (err, caplog.text):  # transformers logs its report; we print our line
+        assert "LOAD REPORT" not in shown and "UNEXPECTED" not in shown
+    lines = [line for line in err.splitlines() if "text half" in line]
+    text_side = sum(1 for k in full.state_dict() if not k.startswith("vision_model."))
+    assert lines == [f"vision tower {tmp_path}: a full clip checkpoint; its text half ({text_side} tensors) is not used"]
+
+
+def test_full_checkpoint_missing_a_vision_weight_keeps_transformers_report(tmp_path, caplog):
+    full_clip(tmp_path, drop="vision_model.post_layernorm.weight")
+    VisionTower(VisionConfig(name_or_path=str(tmp_path), hidden_size=32, image_size=32, num_patches=16))
+    assert "LOAD REPORT" in caplog.text and "post_layernorm.weight" in caplog.text and "MISSING" in caplog.text

@@ -13,6 +13,7 @@ Loading is strict: a missing, unexpected or mis-shaped weight is an error naming
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from minimind_v.data.images import image_processor_config
 from minimind_v.data.tokenizer import save_tokenizer
 from minimind_v.errors import UserError
 from minimind_v.model.config import VisionConfig, VLMConfig
@@ -156,12 +158,11 @@ def save_tower(tower: VisionTower, directory: Path, image_size: int) -> None:
     staging = Path(tempfile.mkdtemp(prefix=".vision-", dir=directory))
     with quiet_transformers():
         tower.model.save_pretrained(str(staging))
-    source_processor = Path(tower.source or "") / "preprocessor_config.json"
-    if tower.source is not None and source_processor.is_file():
-        shutil.copyfile(source_processor, staging / "preprocessor_config.json")
-    else:
-        processor = default_image_processor(tower.family, image_size)
-        (staging / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    processor = default_image_processor(tower.family, image_size)
+    if tower.source is not None:  # the source's own settings, in whichever layout transformers saved them
+        with contextlib.suppress(UserError):  # a bare tower saved without any keeps its family's recipe
+            processor = image_processor_config(tower.source)
+    (staging / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     target, old = directory / VISION_DIR, directory / ".vision-old"
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():

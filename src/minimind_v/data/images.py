@@ -57,7 +57,7 @@ class ImagePreprocessor:
         size = config.get("size", {"shortest_edge": 224})
         if isinstance(size, int):  # older configs: a bare int is the shortest edge
             size = {"shortest_edge": size}
-        crop = config.get("crop_size", {})
+        crop = config.get("crop_size") or {}
         crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
         crops = config.get("do_center_crop", "shortest_edge" in size)
         shortest = size.get("shortest_edge")
@@ -76,14 +76,7 @@ class ImagePreprocessor:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path) -> "ImagePreprocessor":
         """A local directory, or a hub id already in the Hugging Face cache (nothing is downloaded here)."""
-        path = Path(name_or_path)
-        if path.is_dir():
-            config_file = path / "preprocessor_config.json"
-            if not config_file.is_file():
-                raise UserError(f"{path}: no preprocessor_config.json in the vision encoder directory")
-        else:
-            config_file = _cached_hub_file(str(name_or_path))
-        return cls.from_config(json.loads(Path(config_file).read_text(encoding="utf-8")))
+        return cls.from_config(image_processor_config(name_or_path))
 
     def to_config(self) -> dict[str, Any]:
         """The same settings as a transformers CLIPImageProcessor config (for preprocessor_config.json)."""
@@ -136,14 +129,25 @@ def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
     return image.crop((left, top, left + width, top + height))
 
 
-def _cached_hub_file(repo_id: str) -> str:
-    from huggingface_hub import hf_hub_download
+def image_processor_config(name_or_path: str | Path) -> dict[str, Any]:
+    """A tower's image-processor settings, read as transformers reads them: its preprocessor_config.json, or
+    the "image_processor" entry of the processor_config.json that transformers 5 processors save."""
+    from transformers import AutoImageProcessor
+    from transformers.utils import logging as hf_logging
 
+    path = Path(name_or_path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # only its settings are read: a note on which backend it picked is noise
     try:
-        return hf_hub_download(repo_id, "preprocessor_config.json", local_files_only=True)
-    except Exception as err:  # huggingface_hub raises several types for "not cached" / "offline"
-        raise UserError(f"vision encoder {repo_id!r}: not a local directory and not in the Hugging Face cache "
-                        f"(run `minimind-v download` first; {type(err).__name__})") from None
+        return AutoImageProcessor.from_pretrained(str(name_or_path), local_files_only=True).to_dict()
+    except Exception as err:  # transformers and huggingface_hub raise several types for "absent" / "offline"
+        if path.is_dir():
+            raise UserError(f"{path}: no preprocessor_config.json (nor a processor_config.json with an "
+                            f"image_processor) in the vision encoder directory") from None
+        raise UserError(f"vision encoder {str(name_or_path)!r}: not a local directory and not in the Hugging Face "
+                        f"cache (run `minimind-v download` first; {type(err).__name__})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -8,6 +8,8 @@ default: no gradients, and eval mode kept even while the VLM trains.
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -100,12 +102,46 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+class _HeldLoadReport(logging.Filter):
+    """Holds back transformers' per-key LOAD REPORT so that it can be shown only when something is wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+
 def _load_pretrained(source: str) -> tuple[str, PreTrainedModel]:
+    """The vision half of `source`; a full CLIP or SigLIP checkpoint (the hub's usual form) loads too, and its
+    text half, which a VLM never uses, is reported in one line instead of transformers' table of its keys."""
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    held = _HeldLoadReport()
+    report_logger.addFilter(held)
+    expected_report = False
     try:
-        family = family_of(AutoConfig.from_pretrained(source).model_type)
+        config = AutoConfig.from_pretrained(source)
+        family = family_of(config.model_type)
         with quiet_transformers():
-            return family, FAMILIES[family].from_pretrained(source)
+            model, info = FAMILIES[family].from_pretrained(source, output_loading_info=True)
+        unused = [k for k in info["unexpected_keys"] if not k.startswith("vision_model.")]
+        full = not config.model_type.endswith("_vision_model")
+        expected_report = full and not (info["missing_keys"] or info["mismatched_keys"] or info["error_msgs"]
+                                        or len(unused) < len(info["unexpected_keys"]))
+        if full:
+            print(f"vision tower {source}: a full {family} checkpoint; its text half ({len(unused)} tensors) is "
+                  "not used", file=sys.stderr)
+        return family, model
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"vision tower {source!r} cannot be loaded ({reason}); fetch it with "
                         "`minimind-v download` or pass a local directory with --vision DIR") from None
+    finally:
+        report_logger.removeFilter(held)
+        if not expected_report:
+            for record in held.records:
+                report_logger.handle(record)
