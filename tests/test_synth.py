@@ -136,7 +136,7 @@ def test_train_and_test_never_share_a_scene(tmp_path):
 
 @pytest.mark.parametrize("lang", ["en", "zh"])
 def test_every_answer_is_true_of_the_scene(tmp_path, lang):
-    records = _read_jsonl(_write(tmp_path, lang, n=250, seed=7, lang=lang, kind="qa"))
+    records = _read_jsonl(_write(tmp_path, lang, n=250, seed=7, lang=lang, kind="qa", image_place="before"))
     seen = set()
     for record in records:
         turns = record["conversations"]
@@ -152,6 +152,26 @@ def test_every_answer_is_true_of_the_scene(tmp_path, lang):
                 assert _oracle(question, record["scene"], lang) == assistant["content"], (question, record)
                 assert 1 <= len(assistant["content"].split()) <= 4
     assert seen == set(QUESTION_TYPES)
+
+
+def test_image_place_moves_only_the_marker(tmp_path):
+    runs = {place: _read_jsonl(_write(tmp_path, place, n=60, seed=3, lang="mix", image_place=place))
+            for place in ("before", "after", "mixed")}
+    seen = set()
+    for before, after, mixed in zip(*runs.values()):
+        question = before["conversations"][0]["content"].removeprefix("<image>\n")
+        assert after["conversations"][0]["content"] == f"{question}\n<image>"
+        for record in (after, mixed):
+            assert record["conversations"][1:] == before["conversations"][1:]
+            assert {k: v for k, v in record.items() if k != "conversations"} == \
+                {k: v for k, v in before.items() if k != "conversations"}
+        seen.add(mixed["conversations"][0]["content"].startswith("<image>"))
+    assert seen == {True, False}  # mixed has both orders
+    for place in ("after", "mixed"):
+        for name in ("test_000000.png", "train_000059.png"):
+            if (tmp_path / "before" / "images" / name).exists():
+                assert (tmp_path / place / "images" / name).read_bytes() == \
+                    (tmp_path / "before" / "images" / name).read_bytes()
 
 
 def test_the_image_shows_the_scene(tmp_path):

@@ -380,8 +380,11 @@ class Sample:
 
 
 def make_sample(seed: int, split: str, index: int, lang: str = "en", kind: str = "qa", max_turns: int = 3,
-                image_size: int = 48, types: tuple[str, ...] = QUESTION_TYPES) -> Sample:
-    """Sample `index` of a split; depends only on its arguments, so any n gives the same first samples."""
+                image_size: int = 48, types: tuple[str, ...] = QUESTION_TYPES, image_place: str = "mixed") -> Sample:
+    """Sample `index` of a split; depends only on its arguments, so any n gives the same first samples.
+
+    The image marker goes before the first question, after it, or either ("mixed", drawn last, so the
+    three settings give the same scene, image and words)."""
     rng = random.Random(f"minimind-v synth {seed} {split} {index}")
     scene = sample_scene(rng, split)
     image = draw_scene(scene, rng, image_size)
@@ -392,9 +395,10 @@ def make_sample(seed: int, split: str, index: int, lang: str = "en", kind: str =
         turns = [("caption", (rng.choice(PROMPTS[language]["caption"]), describe(scene, language)))]
     else:
         turns = _conversation(scene, rng, language, types, rng.randint(1, max_turns))
+    after = rng.random() < 0.5 if image_place == "mixed" else image_place == "after"
     conversations: list[dict[str, str]] = []
     for i, (_, (question, answer)) in enumerate(turns):
-        content = f"<image>\n{question}" if i == 0 else question
+        content = question if i else f"{question}\n<image>" if after else f"<image>\n{question}"
         conversations += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
     return Sample(conversations, [t for t, _ in turns], language, scene, image)
 
@@ -429,6 +433,9 @@ class SynthOptions:
     """Side of the square images in pixels; 48 is the tiny preset's input, so grid cells match its patches."""
     type_weights: str | None = None
     """Relative frequency of question types, e.g. left_of=3,above=3 (unnamed types weigh 1; 0 leaves one out)."""
+    image_place: Literal["before", "after", "mixed"] = "mixed"
+    """Where the image goes in the first user turn: before the question, after it (as in the original's real
+    data and OpenAI's examples), or either, half and half."""
 
 
 def write_dataset(opts: SynthOptions) -> Path:
@@ -442,8 +449,8 @@ def write_dataset(opts: SynthOptions) -> Path:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     types = weighted_types(opts.type_weights)
-    samples = (make_sample(opts.seed, opts.split, i, opts.lang, opts.kind, opts.max_turns, opts.image_size, types)
-               for i in range(opts.n))
+    samples = (make_sample(opts.seed, opts.split, i, opts.lang, opts.kind, opts.max_turns, opts.image_size, types,
+                           opts.image_place) for i in range(opts.n))
     if opts.format == "parquet":
         return _write_parquet(samples, out / f"{opts.split}.parquet")
     return _write_jsonl(samples, out / f"{opts.split}.jsonl", out / "images", opts.split)
