@@ -189,7 +189,7 @@ def test_bad_requests_get_openai_style_4xx(server, case, request_kwargs, status,
 def test_unknown_route_is_openai_style_404_and_server_survives(server, client):
     response = httpx.get(f"{server.url}/v1/nothing-here")
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
-    assert client.chat.completions.create(model="any-name", messages=[{"role": "user", "content": "hi"}],
+    assert client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=2).model == "tiny"
 
 
@@ -199,10 +199,13 @@ class GatedEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine, self.entered, self.gate = engine, threading.Event(), threading.Event()
 
-    def chat(self, *args, **kwargs):
+    def generate(self, *args, **kwargs):
         self.entered.set()
         assert self.gate.wait(60)
-        return self.engine.chat(*args, **kwargs)
+        return self.engine.generate(*args, **kwargs)
+
+    def prompt(self, *args, **kwargs):
+        return self.engine.prompt(*args, **kwargs)
 
 
 def test_full_queue_answers_429(engine, tiny_model_dir):
@@ -226,3 +229,56 @@ def test_full_queue_answers_429(engine, tiny_model_dir):
     finally:
         gated.gate.set()
         live.close()
+
+
+def test_the_model_is_served_under_its_name_and_no_other(client, server):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert err.value.code == "model_not_found" and "'tiny'" in err.value.message
+    unnamed = bad(server, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert unnamed.status_code == 200 and unnamed.json()["model"] == "tiny"
+    assert bad(server, json=chat_body(model="tiny-v2")).json()["error"]["code"] == "model_not_found"
+
+
+def test_default_served_name_is_meaningful(tmp_path):
+    from minimind_v.infer.hosting import served_name
+
+    assert served_name(str(tmp_path / "runs" / "quickstart" / "model")) == "quickstart"
+    assert served_name(str(tmp_path / "models" / "minimind2-small-v")) == "minimind2-small-v"
+    assert served_name(str(tmp_path / "runs" / "quickstart" / "model"), "mine") == "mine"
+
+
+def test_too_long_prompt_is_refused_before_a_stream_starts(client, engine):
+    import openai
+
+    limit = engine.config.lm.max_position_embeddings
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "red " * limit}],
+                                           max_tokens=2, stream=stream)
+        assert err.value.code == "invalid_prompt" and "positions" in err.value.message
+
+
+@pytest.mark.parametrize("part, where, says", [
+    ({"type": "input_text", "text": "hi"}, "messages.0.content.0.type", "accepted: 'text', 'image_url'"),
+    ({"type": "image_url", "image_url": "data:image/png;base64,AAAA"}, "messages.0.content.0.image_url",
+     'expected an object {"url"'),
+    ({"type": "text"}, "messages.0.content.0.text", "needs a string 'text'"),
+])
+def test_unsupported_content_parts_are_named(server, part, where, says):
+    response = bad(server, json=chat_body(messages=[{"role": "user", "content": [part]}]))
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == where and says in error["message"], error
+
+
+def test_text_before_or_after_the_image_reaches_the_model_in_that_order(client, engine):
+    data = png((30, 200, 30))
+    image = Image.open(io.BytesIO(data))
+    parts = [{"type": "image_url", "image_url": {"url": data_url(data)}}, {"type": "text", "text": "what color"}]
+    for ordered, content in ((parts, "<image>\nwhat color"), (parts[::-1], "what color\n<image>")):
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": ordered}],
+                                               max_tokens=12, temperature=0)
+        ours = engine.chat([{"role": "user", "content": content}], [image], SamplingParams(max_new_tokens=12))
+        assert reply.choices[0].message.content == ours.text

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from minimind_v.devices import resolve_device
 from minimind_v.errors import UserError
 
 END_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -99,8 +100,7 @@ class Engine:
         from minimind_v.data.tokenizer import load_tokenizer
         from minimind_v.model.vlm import MiniMindVLM
 
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device) if not isinstance(device, torch.device) else device
         model = MiniMindVLM.from_pretrained(model_dir)  # UserError naming the directory when it is not one
         return cls(model, load_tokenizer(model_dir), load_image_processor(model_dir, model.cfg), device)
 
@@ -110,16 +110,28 @@ class Engine:
 
         With no `<image>` marker at all, one per image is put before the first user turn (as in training).
         """
+        callback = (lambda _row, delta: on_text(delta)) if on_text is not None else None
+        return self.generate([self.prompt(messages, len(images))], [images], params, callback)[0]
+
+    def inputs(self, messages: list[dict], images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's inputs for a conversation: input_ids (1, T) and pixel_values (N, 3, H, W) or None."""
+        input_ids = torch.tensor([self.prompt(messages, len(images))], device=self.device)
+        return input_ids, self.encode_images(images) if images else None
+
+    def prompt(self, messages: list[dict], n_images: int) -> list[int]:
+        """The prompt `chat` would run, checked: roles, markers against images, and room for one new token.
+
+        A UserError here is the caller's to report before anything is generated (or streamed)."""
         from minimind_v.data.formats import BadSample
         from minimind_v.data.template import build_prompt
 
         try:
             prompt = build_prompt(self.tokenizer, messages, self.config.image_token_id, self.config.image_token_len,
-                                  n_images=len(images))
+                                  n_images=n_images)
         except BadSample as err:  # wrong role order, or <image> markers that do not match the images
             raise UserError(err.detail) from None
-        callback = (lambda _row, delta: on_text(delta)) if on_text is not None else None
-        return self.generate([prompt], [images], params, callback)[0]
+        self._room_left([prompt], 1)
+        return prompt
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], images: list[list[Image.Image]] | None,

@@ -4,8 +4,9 @@ One worker thread runs the engine, one request at a time, in arrival order; requ
 bounded queue (full: 429). Every bad request gets a 4xx with an OpenAI-style body
 {"error": {"message", "type", "param", "code"}}, and no request can take the server down.
 
-The `model` field of a request is accepted whatever it says: this server has one model, and it
-answers under that model's name (GET /v1/models lists it).
+This server has one model, served under one name (`--served-model-name`; GET /v1/models lists it); a
+request that names another model in `model` gets OpenAI's 404 `model_not_found` (one that names none
+gets this one).
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ import uuid
 import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,10 +33,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from starlette.exceptions import HTTPException
 
+from minimind_v.data.template import IMAGE_MARKER
 from minimind_v.errors import UserError
 from minimind_v.infer.engine import Completion, Engine, SamplingParams
+from minimind_v.infer.hosting import listen_socket, served_name
 
-IMAGE_MARKER = "<image>"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -60,6 +61,9 @@ class ServeOptions:
     """Requests allowed to wait for the model; more get 429."""
     allow_remote_images: bool = False
     """Fetch http(s) image URLs (off: only data: URLs). file: URLs are always refused."""
+    served_model_name: str | None = None
+    """The name requests must give as `model`; default: the model directory's name, or its parent's when
+    the directory is called model (runs/quickstart/model -> quickstart)."""
 
 
 class APIError(Exception):
@@ -79,19 +83,10 @@ class _Schema(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class ImageURL(_Schema):
-    url: str
-
-
-class ContentPart(_Schema):
-    type: Literal["text", "image_url"]
-    text: str | None = None
-    image_url: ImageURL | None = None
-
-
 class ChatMessage(_Schema):
     role: str
-    content: str | list[ContentPart] | None = None
+    content: str | list[dict[str, Any]] | None = None
+    """A string, or OpenAI's content parts, checked one by one in `_conversation` so an error names the part."""
 
 
 class StreamOptions(_Schema):
@@ -114,7 +109,7 @@ class ChatRequest(_Schema):
 
 @dataclass
 class _Job:
-    messages: list[dict[str, str]]
+    prompt: list[int]
     images: list[Image.Image]
     params: SamplingParams
     on_text: Callable[[str], None] | None
@@ -134,9 +129,9 @@ class Worker:
         self.jobs: queue.Queue[_Job] = queue.Queue(maxsize=max_queue)
         threading.Thread(target=self._run, name="minimind-v-generate", daemon=True).start()
 
-    def submit(self, messages: list[dict[str, str]], images: list[Image.Image], params: SamplingParams,
+    def submit(self, prompt: list[int], images: list[Image.Image], params: SamplingParams,
                on_text: Callable[[str], None] | None = None) -> _Job:
-        job = _Job(messages, images, params, on_text, Future(), threading.Event())
+        job = _Job(prompt, images, params, on_text, Future(), threading.Event())
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
@@ -150,16 +145,17 @@ class Worker:
             if job.cancelled.is_set() or not job.result.set_running_or_notify_cancel():
                 continue
             try:
-                job.result.set_result(self.engine.chat(job.messages, job.images, job.params, self._relay(job)))
+                done = self.engine.generate([job.prompt], [job.images], job.params, self._relay(job))[0]
+                job.result.set_result(done)
             except BaseException as err:  # reported to that request; the worker lives on
                 job.result.set_exception(err)
 
     @staticmethod
-    def _relay(job: _Job) -> Callable[[str], None] | None:
+    def _relay(job: _Job) -> Callable[[int, str], None] | None:
         if job.on_text is None:
             return None
 
-        def relay(delta: str) -> None:
+        def relay(_row: int, delta: str) -> None:
             if job.cancelled.is_set():
                 raise _Cancelled()
             job.on_text(delta)
@@ -168,7 +164,7 @@ class Worker:
 
 def create_app(engine: Engine, opts: ServeOptions, model_name: str | None = None) -> FastAPI:
     """The FastAPI application around a loaded engine."""
-    name = model_name or Path(opts.model).name
+    name = model_name or served_name(opts.model, opts.served_model_name)
     created = int(time.time())
     worker = Worker(engine, opts.max_queue)
     app = FastAPI(title="minimind-v", docs_url=None, redoc_url=None)
@@ -203,16 +199,18 @@ def create_app(engine: Engine, opts: ServeOptions, model_name: str | None = None
     async def chat_completions(request: Request) -> Any:
         body = await _read_body(request, opts.max_request_bytes)
         req = _parse_request(body)
+        _check_model(req.model, name)
         params = _sampling_params(req, opts)
         messages, images = _conversation(req, opts)
+        prompt = _checked_prompt(engine, messages, len(images))  # refused with a 400, never inside a 200 stream
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            chunks = _stream(worker, messages, images, params, completion_id, name, include_usage)
+            chunks = _stream(worker, prompt, images, params, completion_id, name, include_usage)
             first = await anext(chunks)  # a refusal (queue full) still gets its status code, not a 200 stream
             return StreamingResponse(_prepend(first, chunks), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        job = worker.submit(messages, images, params)
+        job = worker.submit(prompt, images, params)
         done = await _await_job(job)
         return _response(done, completion_id, name)
 
@@ -258,6 +256,19 @@ def _schema_error(errors: list[dict[str, Any]]) -> APIError:
                     code="invalid_value")
 
 
+def _check_model(asked: str | None, name: str) -> None:
+    if asked is not None and asked != name:  # none given: the one model this server has
+        raise APIError(404, f"The model {asked!r} does not exist; this server serves {name!r}", param="model",
+                       code="model_not_found")
+
+
+def _checked_prompt(engine: Engine, messages: list[dict[str, str]], n_images: int) -> list[int]:
+    try:
+        return engine.prompt(messages, n_images)
+    except UserError as err:  # too long for the context, roles out of order
+        raise APIError(400, str(err), param="messages", code="invalid_prompt") from None
+
+
 def _sampling_params(req: ChatRequest, opts: ServeOptions) -> SamplingParams:
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -278,23 +289,37 @@ def _conversation(req: ChatRequest, opts: ServeOptions) -> tuple[list[dict[str, 
         if msg.role not in ROLES:
             raise APIError(400, f"messages[{i}].role {msg.role!r}: expected one of {', '.join(ROLES)}",
                            param=f"messages.{i}.role", code="invalid_role")
-        parts = msg.content if isinstance(msg.content, list) else [ContentPart(type="text", text=msg.content or "")]
+        parts = msg.content if isinstance(msg.content, list) else [{"type": "text", "text": msg.content or ""}]
         texts = []
         for j, part in enumerate(parts):
-            where = f"messages.{i}.content.{j}"
-            if IMAGE_MARKER in (part.text or ""):
-                raise APIError(400, f"{where}: the text {IMAGE_MARKER!r} is reserved; send images as image_url parts",
-                               param=where, code="invalid_value")
-            if part.type == "text":
-                texts.append(part.text or "")
-            elif part.image_url is None:
-                raise APIError(400, f"{where}: an image_url part needs image_url.url", param=where,
-                               code="invalid_value")
-            else:
-                images.append(_load_image(part.image_url.url, opts, f"{where}.image_url.url"))
-                texts.append(IMAGE_MARKER)
+            text, url = _part(part, f"messages.{i}.content.{j}")
+            if url is not None:
+                images.append(_load_image(url, opts, f"messages.{i}.content.{j}.image_url.url"))
+            texts.append(IMAGE_MARKER if url is not None else text)
         messages.append({"role": ROLES[msg.role], "content": "\n".join(texts)})
     return messages, images
+
+
+def _part(part: dict[str, Any], where: str) -> tuple[str, str | None]:
+    """One content part -> (its text, None) or ("", its image URL); a 400 naming the part otherwise."""
+    kind = part.get("type")
+    if kind == "text":
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise APIError(400, f"{where}.text: a text part needs a string 'text'", param=f"{where}.text",
+                           code="invalid_value")
+        if IMAGE_MARKER in text:
+            raise APIError(400, f"{where}: the text {IMAGE_MARKER!r} is reserved; send images as image_url parts",
+                           param=where, code="invalid_value")
+        return text, None
+    if kind == "image_url":
+        image_url = part.get("image_url")
+        if not isinstance(image_url, dict) or not isinstance(image_url.get("url"), str):
+            raise APIError(400, f'{where}.image_url: expected an object {{"url": "data:image/...;base64,..."}}, '
+                                f"got {json.dumps(image_url)[:60]}", param=f"{where}.image_url", code="invalid_value")
+        return "", image_url["url"]
+    raise APIError(400, f"{where}.type: unsupported content part type {kind!r}; accepted: 'text', 'image_url'",
+                   param=f"{where}.type", code="invalid_value")
 
 
 def _load_image(url: str, opts: ServeOptions, param: str) -> Image.Image:
@@ -367,12 +392,12 @@ async def _await_job(job: _Job) -> Completion:
         raise
 
 
-async def _stream(worker: Worker, messages: list[dict[str, str]], images: list[Image.Image],
+async def _stream(worker: Worker, prompt: list[int], images: list[Image.Image],
                   params: SamplingParams, completion_id: str, name: str, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events: a role chunk, one chunk per text delta, a finish chunk, [usage], [DONE]."""
     loop = asyncio.get_running_loop()
     deltas: asyncio.Queue[str] = asyncio.Queue()
-    job = worker.submit(messages, images, params, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d))
+    job = worker.submit(prompt, images, params, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d))
     created = int(time.time())
 
     def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict | None = None) -> str:
@@ -431,8 +456,10 @@ def _response(done: Completion, completion_id: str, name: str) -> dict[str, Any]
 def main(opts: ServeOptions) -> int:
     import uvicorn
 
+    sock = listen_socket(opts.host, opts.port)  # a taken port is one line, before the model loads
     engine = Engine.load(opts.model)
     app = create_app(engine, opts)
-    print(f"serving {opts.model} at http://{opts.host}:{opts.port}/v1 (OpenAI-compatible)", flush=True)
-    uvicorn.run(app, host=opts.host, port=opts.port, log_level="info")
+    name = served_name(opts.model, opts.served_model_name)
+    print(f"serving {opts.model} as {name!r} at http://{opts.host}:{opts.port}/v1 (OpenAI-compatible)", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
     return 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import gradio as gr
@@ -19,6 +18,7 @@ import gradio as gr
 from minimind_v.errors import UserError
 from minimind_v.infer.chat import open_image, with_image_markers
 from minimind_v.infer.engine import Engine, SamplingParams
+from minimind_v.infer.hosting import check_port_free, served_name
 
 INTRO = ("Attach one or more images with the clip, ask about them, and keep talking: every turn sends the "
          "whole conversation and all its images to the model.")
@@ -32,12 +32,19 @@ class WebOptions:
     """Address to listen on; 127.0.0.1 keeps the page on this machine (0.0.0.0 exposes it to the network)."""
     port: int = 7860
     """TCP port."""
+    served_model_name: str | None = None
+    """The model's name in the page title; default: the model directory's name, or its parent's when the
+    directory is called model (runs/quickstart/model -> quickstart)."""
 
 
 def main(opts: WebOptions) -> int:
+    check_port_free(opts.host, opts.port)
     engine = Engine.load(opts.model)
-    demo = build_app(engine, title=f"minimind-v · {Path(opts.model).resolve().name}")
-    demo.queue(default_concurrency_limit=1).launch(server_name=opts.host, server_port=opts.port)
+    demo = build_app(engine, title=f"minimind-v · {served_name(opts.model, opts.served_model_name)}")
+    try:
+        demo.queue(default_concurrency_limit=1).launch(server_name=opts.host, server_port=opts.port)
+    except OSError as err:  # taken between the check and Gradio's own bind
+        raise UserError(f"--port {opts.port}: cannot listen on {opts.host} ({str(err).splitlines()[0]})") from None
     return 0
 
 
