@@ -20,16 +20,17 @@ def test_score_per_type_short_and_long_with_known_answers():
         Item(4, "describe", "top: big red circle.", prediction="top: big red circle"),
         Item(5, "describe", "左上：小红色圆形。", prediction="左上：小蓝色圆形。"),
         Item(6, "count", None, prediction="2"),  # blank reference: answered, not scored
-        Item(7, "shape", "circle", error="bad_image: cannot decode"),  # could not be asked: wrong
+        Item(7, "shape", "circle", error="bad_image: cannot decode"),  # could not be asked: an error, not a score
     ]
     report = score(items)
-    assert (report["samples"], report["scored"], report["unscored"], report["errors"]) == (8, 7, 1, 1)
+    assert (report["samples"], report["scored"], report["unscored"], report["errors"]) == (8, 6, 1, 1)
     assert report["by_type"]["color"] == {"exact_match": round(2 / 3, 4), "correct": 2, "n": 3}
     assert report["by_type"]["count"] == {"exact_match": 0.0, "correct": 0, "n": 1}
     assert report["by_type"]["describe"]["correct"] == 1
-    assert report["short"] == {"exact_match": 0.4, "correct": 2, "n": 5}
+    assert "shape" not in report["by_type"]
+    assert report["short"] == {"exact_match": 0.5, "correct": 2, "n": 4}
     assert report["long"] == {"exact_match": 0.5, "correct": 1, "n": 2}
-    assert report["exact_match"] == round(3 / 7, 4)
+    assert report["exact_match"] == 0.5
 
 
 def test_untyped_data_is_split_by_reference_length():
@@ -93,3 +94,22 @@ def test_eval_limit_and_bad_flags(tmp_path, tiny_model_dir, capsys):
     assert json.loads(capsys.readouterr().out)["samples"] == 2
     assert cli.main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--limit", "0"]) == 2
     assert cli.main(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_eval_where_nothing_can_be_asked_exits_2_with_one_line(tmp_path, tiny_model_dir, capsys):
+    data = write_dataset(SynthOptions(out=str(tmp_path / "d"), n=4, seed=3, split="test", image_size=48))
+    for image in (tmp_path / "d" / "images").iterdir():
+        image.unlink()
+    assert cli.main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--device", "cpu"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1
+    assert f"{data}: none of its 4 sample(s) could be asked" in out.err and "not found" in out.err
+
+
+def test_eval_on_a_missing_gpu_is_one_line(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = write_dataset(SynthOptions(out=str(tmp_path / "d"), n=2, seed=3, split="test", image_size=48))
+    assert cli.main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--device", "cuda"]) == 2
+    assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err

@@ -37,6 +37,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from minimind_v.data.images import ImagePreprocessor
+from minimind_v.devices import resolve_device
 from minimind_v.errors import UserError
 from minimind_v.model.config import VLMConfig
 from minimind_v.model.llm import IGNORE_INDEX
@@ -114,7 +115,7 @@ class Setup:
 
 def setup(opts: BenchOptions) -> Setup:
     _validate(opts)
-    device = _device(opts.device)
+    device = resolve_device(opts.device)
     cfg = bench_config(opts.preset)
     stage = get_stage(opts.stage)
     max_len = opts.max_seq_len or stage.max_seq_len
@@ -158,18 +159,6 @@ def _validate(opts: BenchOptions) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
     if opts.warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {opts.warmup}")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def _device_name(device: torch.device) -> str:

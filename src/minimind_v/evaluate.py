@@ -61,7 +61,7 @@ class Item:
     images: list[Any] = field(default_factory=list)
     prediction: str | None = None
     error: str | None = None
-    """Why the sample could not be asked (broken image, bad roles); it then counts as wrong when scored."""
+    """Why the sample could not be asked (broken image, bad roles); it is then counted apart, never scored."""
 
 
 def normalise(text: str) -> str:
@@ -79,8 +79,11 @@ def is_long(item: Item) -> bool:
 
 
 def score(items: list[Item]) -> dict[str, Any]:
-    """The report: exact match overall, for short and long answers, and per question type."""
-    scored = [it for it in items if it.reference is not None]
+    """The report: exact match overall, for short and long answers, and per question type.
+
+    A sample that could not be asked is an error, not a wrong answer: it is counted in "errors" and scored
+    nowhere, so that a broken image folder shows as errors instead of as a model that answers badly."""
+    scored = [it for it in items if it.reference is not None and it.error is None]
     correct = {id(it): it.prediction is not None and normalise(it.prediction) == normalise(it.reference)
                for it in scored}
 
@@ -90,7 +93,8 @@ def score(items: list[Item]) -> dict[str, Any]:
 
     types = sorted({it.type for it in scored})
     return {
-        "samples": len(items), "scored": len(scored), "unscored": len(items) - len(scored),
+        "samples": len(items), "scored": len(scored),
+        "unscored": sum(it.reference is None and it.error is None for it in items),
         "errors": sum(it.error is not None for it in items),
         "exact_match": summary(scored)["exact_match"],
         "short": summary([it for it in scored if not is_long(it)]),
@@ -218,7 +222,9 @@ def main(opts: EvalOptions) -> int:
     if opts.predictions:
         write_predictions(items, opts.predictions)
     errors = [it.error for it in items if it.error is not None]
+    if errors and len(errors) == len(items):
+        raise UserError(f"{opts.data}: none of its {len(items)} sample(s) could be asked, e.g. {errors[0]}")
     if errors:
-        print(f"{len(errors)} sample(s) could not be asked, e.g. {errors[0]}", file=sys.stderr)
+        print(f"{len(errors)} sample(s) could not be asked (not scored), e.g. {errors[0]}", file=sys.stderr)
     print(json.dumps(report, ensure_ascii=False, indent=2))
     return 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from minimind_v.errors import UserError
+from minimind_v.devices import resolve_device
 
 
 @dataclass(frozen=True)
@@ -34,26 +34,12 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
-
-
 def setup(device_name: str) -> DistInfo:
     """Join the process group when torchrun started us (NCCL on GPUs, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_name, local_rank)
+    device = resolve_device(device_name, local_rank)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
