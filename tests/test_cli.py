@@ -100,3 +100,27 @@ def test_every_command_has_help(name, capsys):
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "minimind_v.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "quickstart" in result.stdout
+
+
+@pytest.mark.parametrize("argv", [["convert"], ["convert", "--help"], ["convert", "-h"]])
+def test_a_command_group_lists_its_commands(argv, capsys):
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: minimind-v convert <command>")
+    for name in ("convert import-upstream", "convert export-hf", "convert import-hf"):
+        assert name in out
+    assert "quickstart" not in out
+
+
+def test_an_unknown_command_of_a_group_is_named(capsys):
+    assert cli.main(["convert", "export-gguf"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown command 'convert export-gguf'") and "convert import-hf" in err
+
+
+def test_preset_help_names_the_presets(capsys):
+    from minimind_v.presets import PRESETS
+
+    assert cli.main(["train", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "SPEC" not in out and all(name in out for name in PRESETS)

@@ -35,11 +35,17 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
-def _usage() -> str:
-    width = max(len(name) for name in COMMANDS)
-    lines = ["usage: minimind-v <command> [options]   (minimind-v <command> --help for its flags)", "", "commands:"]
-    lines += [f"  {name.ljust(width)}  {spec[3]}" for name, spec in COMMANDS.items()]
+def _usage(group: str | None = None) -> str:
+    """The commands, or those of one group (`convert`)."""
+    names = [n for n in COMMANDS if group is None or n.startswith(f"{group} ")]
+    width = max(len(name) for name in names)
+    head = f"minimind-v {group} <command>" if group else "minimind-v <command>"
+    lines = [f"usage: {head} [options]   ({head} --help for its flags)", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {COMMANDS[name][3]}" for name in names]
     return "\n".join(lines)
+
+
+GROUPS = {name.split()[0] for name in COMMANDS if " " in name}
 
 
 def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -56,10 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     name, rest = _split_command(argv)
     if name is None:
-        if not argv or argv[0] in ("-h", "--help"):
-            print(_usage())
+        group = argv[0] if argv and argv[0] in GROUPS else None
+        asked = argv[1:] if group else argv
+        if not asked or asked[0] in ("-h", "--help"):
+            print(_usage(group))
             return 0
-        print(f"error: unknown command {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
+        unknown = f"{group} {asked[0]}" if group else asked[0]
+        print(f"error: unknown command {unknown!r}\n\n{_usage(group)}", file=sys.stderr)
         return 2
     module_name, options_name, function_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)

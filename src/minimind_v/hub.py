@@ -13,10 +13,14 @@ folder it writes to), and an image archive is deleted once unpacked, so a rerun 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import stat
+import urllib.parse
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -59,10 +63,44 @@ def main(opts: DownloadOptions) -> int:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"downloading {', '.join(f'{p} (~{SIZES[p]})' for p in parts)} into {out}")
-    for part in parts:
-        for path in FETCHERS[part](out, opts):
-            print(f"  {part}: {path}")
+    with _offline_when_unreachable():
+        for part in parts:
+            for path in FETCHERS[part](out, opts):
+                print(f"  {part}: {path}")
     return 0
+
+
+_unreachable: list[str] = []
+"""Why the Hub could not be reached, while `download` runs without it (empty: it could, or HF_HUB_OFFLINE)."""
+
+
+@contextlib.contextmanager
+def _offline_when_unreachable() -> Iterator[None]:
+    """One quick connection to the Hub first: without one, huggingface_hub would retry each file for half a
+    minute. Unreachable, the run goes on offline, so files already in the folder still count."""
+    from huggingface_hub import constants
+
+    why = None if _offline() else _connect_error(constants.ENDPOINT)
+    if why is None:
+        yield
+        return
+    was, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    _unreachable.append(f"{constants.ENDPOINT} cannot be reached ({why})")
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = was
+        _unreachable.clear()
+
+
+def _connect_error(endpoint: str, timeout: float = 5.0) -> str | None:
+    url = urllib.parse.urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError as err:
+        return err.strerror or str(err) or type(err).__name__
+    return None
 
 
 def _selection(what: list[str]) -> list[str]:
@@ -79,9 +117,12 @@ def _hub_call(description: str, fn: Callable[..., Any], *args: Any, **kwargs: An
     try:
         return fn(*args, **kwargs)
     except LocalEntryNotFoundError:
-        reason = "HF_HUB_OFFLINE is set" if _offline() else "the Hub cannot be reached"
-        raise UserError(f"cannot download {description}: {reason} and it is not in the download folder yet "
-                        "(connect to the internet or unset HF_HUB_OFFLINE, then run again: downloads resume)")
+        if _offline():
+            raise UserError(f"cannot download {description}: HF_HUB_OFFLINE is set and it is not in the download "
+                            "folder yet (unset HF_HUB_OFFLINE, then run again: downloads resume)") from None
+        reason = _unreachable[0] if _unreachable else "the Hub cannot be reached"
+        raise UserError(f"cannot download {description}: {reason}, and it is not in the download folder yet "
+                        "(connect to the internet, then run again: downloads resume)") from None
     except HfHubHTTPError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot download {description}: {first_line}")

@@ -163,6 +163,7 @@ def save_tower(tower: VisionTower, directory: Path, image_size: int) -> None:
         with contextlib.suppress(UserError):  # a bare tower saved without any keeps its family's recipe
             processor = image_processor_config(tower.source)
     (staging / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    normal_modes(staging)
     target, old = directory / VISION_DIR, directory / ".vision-old"
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
@@ -190,7 +191,31 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        normal_modes(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def normal_modes(path: Path) -> None:
+    """The permissions a plain write would give (0666 / 0777 less the umask), on `path` and all below it.
+
+    Temporary files and directories are created owner-only (mkstemp, mkdtemp, transformers' own
+    save_pretrained), and a rename keeps that: without this a model directory could not be read by
+    another user or a container running under another uid."""
+    mask = _umask()
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux allows (os.umask can only set it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -78,11 +78,12 @@ def export_hf(model_dir: str | Path, out: str | Path) -> None:
     from minimind_v.data.template import IMAGE_MARKER
     from minimind_v.data.tokenizer import load_tokenizer, save_tokenizer
     from minimind_v.model.vlm import MiniMindVLM
+    from minimind_v.modeldir import normal_modes
 
+    out = _output_dir(out)
     model = MiniMindVLM.from_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir)
     processor = load_image_processor(model_dir, model.cfg)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = hf_config(model, tokenizer)
     hf_model = _template("modeling_minimind_v").MiniMindVForCausalLM(config)
@@ -99,6 +100,7 @@ def export_hf(model_dir: str | Path, out: str | Path) -> None:
                 "image_marker": IMAGE_MARKER, "image_token_id": config.image_token_id,
                 "image_token_len": config.image_token_len}
     (out / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    normal_modes(out)
 
 
 def hf_config(model: Any, tokenizer: Any) -> Any:
@@ -126,7 +128,7 @@ def import_hf(src: str | Path, out: str | Path) -> None:
     from minimind_v.model.vlm import MiniMindVLM
     from minimind_v.modeldir import read_weights
 
-    src = Path(src)
+    src, out = Path(src), _output_dir(out)
     data = _read_export_config(src)
     try:
         settings = data["vision_settings"]
@@ -151,6 +153,15 @@ def import_hf(src: str | Path, out: str | Path) -> None:
         if (src / name).is_file():
             shutil.copyfile(src / name, Path(out) / name)
     shutil.copyfile(src / "preprocessor_config.json", Path(out) / "vision" / "preprocessor_config.json")
+
+
+def _output_dir(out: str | Path) -> Path:
+    """--out checked before any work: a directory (new or existing), never a file in the way."""
+    out = Path(out)
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--out {out}: {parent} exists and is not a directory")
+    return out
 
 
 def _read_export_config(src: Path) -> dict[str, Any]:

@@ -252,9 +252,7 @@ def open_dataset(path: str | Path, images_dir: str | Path | None = None) -> Read
 
     images_dir defaults to `images/` beside the data file when that folder exists, else the file's folder.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--data {path}: no such file")
+    path = data_file(path)
     if images_dir is None:
         images_dir = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
     elif not Path(images_dir).is_dir():
@@ -268,6 +266,21 @@ def open_dataset(path: str | Path, images_dir: str | Path | None = None) -> Read
     if suffix in (".jsonl", ".json"):
         return JsonlReader(path, images)
     raise UserError(f"--data {path}: unknown format (expected .jsonl, .json or .parquet)")
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def data_file(path: str | Path, flag: str = "--data") -> Path:
+    """An existing data file, or one line saying what is there instead (nothing, or a folder and its data files)."""
+    path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
+        hint = f"; its data files: {', '.join(inside[:6])}" if inside else ""
+        raise UserError(f"{flag} {path}: a directory, not a data file (.jsonl, .json or .parquet){hint}")
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: no such file")
+    return path
 
 
 def _first_char(path: Path) -> str:

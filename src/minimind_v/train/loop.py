@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from minimind_v.data.formats import data_file
 from minimind_v.errors import UserError
 from minimind_v.options import apply_overrides
 from minimind_v.train import build, checkpoint, distributed
@@ -34,7 +35,8 @@ class TrainOptions:
     from_: str | None = field(default=None, metadata={"metavar": "DIR|FILE.pth|none"})
     """Start from a model directory, an original .pth, or none (random; the lm stage's default)."""
     preset: str = "minimind2-small-v"
-    """Model shapes for --from none or an original .pth (see SPEC presets)."""
+    """Model shapes for --from none or an original .pth: minimind2-small-v (the original's 26M), minimind2-v
+    (104M), minimind2-small-v-moe, tiny (the quickstart's); presets.py holds them."""
     tokenizer: str | None = None
     """Tokenizer directory (required for --from none and .pth; default: the --from model directory's)."""
     vision: str | None = None
@@ -119,6 +121,12 @@ def _check_options(opts: TrainOptions) -> None:
         require_tracker(kind)
     if opts.eval_every and not opts.val_data:
         raise UserError("--eval-every needs --val-data")
+    # The inputs exist before anything is built or written: a mistyped path costs nothing.
+    data_file(opts.data)
+    if opts.val_data:
+        data_file(opts.val_data, "--val-data")
+    if opts.images is not None and not Path(opts.images).is_dir():
+        raise UserError(f"--images {opts.images}: no such folder")
 
 
 def train_config(opts: TrainOptions, model_cfg: Any) -> TrainConfig:
