@@ -97,3 +97,56 @@ def test_user_mistakes_are_one_line_errors(tiny_model_dir, args, message, capsys
     assert cli.main(["chat", "--model", str(tiny_model_dir), "--prompt", "hi", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def blue_picture(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("images") / "blue.png"
+    Image.new("RGB", (40, 48), (20, 20, 230)).save(path)
+    return str(path)
+
+
+def test_a_marker_typed_in_the_prompt_places_the_image(tiny_model_dir, picture, engine, capsys):
+    for prompt in ("<image>\nwhat color", "what color\n<image>"):
+        argv = ["chat", "--model", str(tiny_model_dir), "--image", picture, "--prompt", prompt, "--greedy",
+                "--max-new-tokens", "10", "--json"]
+        assert cli.main(argv) == 0
+        answer = json.loads(capsys.readouterr().out)
+        direct = engine.chat([{"role": "user", "content": prompt}], [Image.open(picture)], GREEDY)
+        assert answer["text"] == direct.text and answer["prompt_tokens"] == direct.prompt_tokens
+    argv = ["chat", "--model", str(tiny_model_dir), "--image", picture, "--prompt", "<image><image> two?"]
+    assert cli.main(argv) == 2
+    assert "2 <image> marker(s) for 1 image(s)" in capsys.readouterr().err
+
+
+def test_new_image_starts_a_new_conversation_and_reset_keeps_the_command_line_image(
+        tiny_model_dir, picture, blue_picture, engine):
+    child = pexpect.spawn(CLI[0], [*CLI[1:], "--model", str(tiny_model_dir), "--image", picture, "--greedy",
+                                   "--max-new-tokens", "10"], encoding="utf-8", timeout=300, env=CHILD_ENV)
+
+    def ask(line: str) -> str:
+        child.sendline(line)
+        child.expect_exact(as_typed(line + "\n") + "model> ")
+        child.expect_exact("\r\nyou> ")
+        return child.before
+
+    child.expect_exact("you> ")
+    first = ask("what color")
+    ask("and its shape?")
+    child.sendline(f"/image {blue_picture}")
+    child.expect_exact("(new conversation: the history is cleared")
+    child.expect_exact("you> ")
+    switched = ask("what color")
+    child.sendline("/reset")
+    child.expect_exact("the 1 --image image(s) go with your next message)")
+    child.expect_exact("you> ")
+    again = ask("what color")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+    question = {"role": "user", "content": "<image>\nwhat color"}
+    assert first == again == as_typed(engine.chat([question], [Image.open(picture)], GREEDY).text)
+    assert switched == as_typed(engine.chat([question], [Image.open(blue_picture)], GREEDY).text)
+    assert switched != first  # the new image, alone, is what the answer is about

@@ -1,4 +1,11 @@
-"""`minimind-v chat`: talk to a model about images, one question or a multi-turn session in the terminal."""
+"""`minimind-v chat`: talk to a model about images, one question or a multi-turn session in the terminal.
+
+Images go with the first message of a conversation, as in training: `--image` attaches them to the first
+one, and `/image PATH` in the middle of a conversation starts a new conversation about that image (the
+history is dropped, and the line says so). `/reset` forgets the conversation and attaches the `--image`
+images again. A message gets one `<image>` line per image put before it, unless it already has the
+markers, typed where the images should go.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +16,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from minimind_v.data.template import IMAGE_MARKER
 from minimind_v.errors import UserError
 from minimind_v.infer.engine import Completion, Engine, SamplingParams
 
-HELP = "commands: /image PATH (attach an image to your next message), /reset (forget everything), /exit or Ctrl-D"
+HELP = ("commands: /image PATH (attach an image to your next message; in a conversation, start a new one with it), "
+        "/reset (forget the conversation; --image images go with the next message), /exit or Ctrl-D")
 
 
 @dataclass
@@ -59,8 +68,9 @@ def open_image(path: str | Path) -> Image.Image:
 
 
 def with_image_markers(text: str, n_images: int) -> str:
-    """Put one `<image>` line per attached image before the text, as the training data does."""
-    return "<image>\n" * n_images + text
+    """One `<image>` line per attached image before the text, as the training data has it, unless the text
+    has markers of its own (then they say where the images go, and their count is checked when asked)."""
+    return text if IMAGE_MARKER in text else f"{IMAGE_MARKER}\n" * n_images + text
 
 
 def _one_shot(engine: Engine, prompt: str, images: list[Image.Image], params: SamplingParams, as_json: bool) -> int:
@@ -90,6 +100,7 @@ class _Session:
     def __init__(self, engine: Engine, params: SamplingParams, images: list[Image.Image]) -> None:
         self.engine = engine
         self.params = params
+        self.given = list(images)  # from --image: attached again after /reset
         self.messages: list[dict] = []
         self.images: list[Image.Image] = []
         self.pending = list(images)  # attached, waiting for the next user message
@@ -110,8 +121,9 @@ class _Session:
 
     def _handle(self, line: str) -> None:
         if line == "/reset":
-            self.messages, self.images, self.pending = [], [], []
-            print("(history and images cleared)")
+            self.messages, self.images, self.pending = [], [], list(self.given)
+            kept = f"; the {len(self.given)} --image image(s) go with your next message" if self.given else ""
+            print(f"(conversation cleared{kept})")
         elif line.startswith("/image"):
             self._attach(line.removeprefix("/image").strip())
         elif line.startswith("/"):
@@ -124,10 +136,14 @@ class _Session:
             print("usage: /image PATH")
             return
         try:
-            self.pending.append(open_image(path))
+            image = open_image(path)
         except UserError as err:
             print(f"error: {err}")
             return
+        if self.messages:
+            self.messages, self.images, self.pending = [], [], []
+            print("(new conversation: the history is cleared, as images go with a conversation's first message)")
+        self.pending.append(image)
         print(f"(image {path} will go with your next message)")
 
     def _ask(self, text: str) -> None:
