@@ -69,6 +69,6 @@ class MiniMindVLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "MiniMindVLM":
-        """Strict load of a model directory written by save_pretrained or convert."""
+        """Strict load of a model directory written by save_pretrained or convert, in eval mode (`.train()` to train)."""
         from minimind_v.modeldir import load_model
-        return load_model(directory)
+        return load_model(directory).eval()
