@@ -81,6 +81,8 @@ class Recipe:
     """Where training runs (experiments only: the quickstart's promise is about 2 CPU cores)."""
     steps: int | None = None
     """Fixed training steps instead of what fits the time (experiments on other machines)."""
+    image_place: str = "before"
+    """Where the image goes in the training and test questions: before, after or mixed (synth --image-place)."""
 
 
 @dataclass
@@ -150,9 +152,11 @@ def write_world(out: Path, seed: int, recipe: Recipe, scale: float) -> dict[str,
     data = out / "data"
     return {
         "qa": write_dataset(SynthOptions(out=str(data / "qa"), n=n(recipe.qa_samples), seed=seed + 1, lang="mix",
-                                         kind="qa", max_turns=recipe.max_turns, type_weights=recipe.type_weights)),
+                                         kind="qa", max_turns=recipe.max_turns, type_weights=recipe.type_weights,
+                                         image_place=recipe.image_place)),
         "test": write_dataset(SynthOptions(out=str(data / "test"), n=recipe.test_samples,
-                                           seed=seed + 2, split="test", lang="mix", kind="qa")),
+                                           seed=seed + 2, split="test", lang="mix", kind="qa",
+                                           image_place=recipe.image_place)),
     }
 
 

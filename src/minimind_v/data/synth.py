@@ -380,7 +380,7 @@ class Sample:
 
 
 def make_sample(seed: int, split: str, index: int, lang: str = "en", kind: str = "qa", max_turns: int = 3,
-                image_size: int = 48, types: tuple[str, ...] = QUESTION_TYPES, image_place: str = "mixed") -> Sample:
+                image_size: int = 48, types: tuple[str, ...] = QUESTION_TYPES, image_place: str = "before") -> Sample:
     """Sample `index` of a split; depends only on its arguments, so any n gives the same first samples.
 
     The image marker goes before the first question, after it, or either ("mixed", drawn last, so the
@@ -433,9 +433,9 @@ class SynthOptions:
     """Side of the square images in pixels; 48 is the tiny preset's input, so grid cells match its patches."""
     type_weights: str | None = None
     """Relative frequency of question types, e.g. left_of=3,above=3 (unnamed types weigh 1; 0 leaves one out)."""
-    image_place: Literal["before", "after", "mixed"] = "mixed"
+    image_place: Literal["before", "after", "mixed"] = "before"
     """Where the image goes in the first user turn: before the question, after it (as in the original's real
-    data and OpenAI's examples), or either, half and half."""
+    data and OpenAI's examples), or either, half and half (docs/experiments.md: what mixed costs the quickstart)."""
 
 
 def write_dataset(opts: SynthOptions) -> Path:
