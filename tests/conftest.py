@@ -71,3 +71,17 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     out = tmp_path_factory.mktemp("tiny-model")
     model.save_pretrained(out, tokenizer=tokenizer)
     return out
+
+
+@pytest.fixture(scope="session")
+def images_first_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with images_first set: each user turn's images are read before its text."""
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp("images-first") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config["images_first"] = True
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out

@@ -240,3 +240,31 @@ def test_sampled_generation_with_cache_equals_without(transformers_side, hf_proc
             outs.append(model.generate(**inputs, max_new_tokens=10, do_sample=True, temperature=1.5, top_k=0,
                                        use_cache=use_cache).tolist())
     assert outs[0] == outs[1]
+
+
+def test_an_images_first_export_reads_the_image_first_whatever_the_order(images_first_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    out = tmp_path / "export"
+    assert cli.main(["convert", "export-hf", "--model", str(images_first_model_dir), "--out", str(out)]) == 0
+    engine = Engine.load(images_first_model_dir, device="cpu")
+    image = picture(COLORS[1])
+    ours = engine.chat([{"role": "user", "content": "what color\n<image>"}], [image], SamplingParams(max_new_tokens=10))
+
+    def transformers_only():
+        model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+        answers = []
+        for content in ([{"type": "text", "text": "what color"}, {"type": "image"}], "what color\n<image>",
+                        "<image>\nwhat color"):
+            prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+            inputs = processor(text=prompt, images=[image])
+            with torch.inference_mode():
+                row = model.generate(**inputs, max_new_tokens=10, do_sample=False)[0].tolist()
+            answers.append(answer_tokens(model, row[inputs["input_ids"].shape[1]:]))
+        return answers
+
+    assert without_minimind_v(transformers_only) == [ours.token_ids] * 3
+    assert cli.main(["convert", "import-hf", "--src", str(out), "--out", str(tmp_path / "back")]) == 0
+    assert read_config(tmp_path / "back") == read_config(images_first_model_dir)
+    assert read_config(tmp_path / "back").images_first

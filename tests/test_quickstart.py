@@ -30,6 +30,7 @@ def test_quickstart_runs_end_to_end_and_writes_a_model(tmp_path, capsys):
     assert tower.keys() == reference.keys() and all(torch.equal(tower[k], reference[k]) for k in tower)
     assert model.cfg.lm.num_hidden_layers == recipe.layers
     assert recipe.qk_norm and model.cfg.lm.qk_norm and model.lm.layers[0].attn.q_norm is not None  # the recipe's choice reaches the model
+    assert recipe.images_first and model.cfg.images_first
     summary = json.loads((out / "quickstart.json").read_text(encoding="utf-8"))
     assert summary["tower"]["steps"] == 5 and set(summary["tower"]["held_out_accuracy"]) == {"color", "shape", "size", "color_shape"}
     assert summary["training"]["name"] == "sft" and summary["training"]["steps"] >= 1

@@ -282,3 +282,21 @@ def test_text_before_or_after_the_image_reaches_the_model_in_that_order(client, 
                                                max_tokens=12, temperature=0)
         ours = engine.chat([{"role": "user", "content": content}], [image], SamplingParams(max_new_tokens=12))
         assert reply.choices[0].message.content == ours.text
+
+
+def test_an_images_first_model_answers_the_same_whatever_the_order(images_first_model_dir):
+    engine = Engine.load(images_first_model_dir, device="cpu")
+    live = LiveServer(create_app(engine, ServeOptions(model=str(images_first_model_dir), **LIMITS)))
+    try:
+        client = OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        data = png((200, 200, 30))
+        parts = [{"type": "image_url", "image_url": {"url": data_url(data)}}, {"type": "text", "text": "what color"}]
+        name = client.models.list().data[0].id
+        replies = [client.chat.completions.create(model=name, messages=[{"role": "user", "content": c}],
+                                                  max_tokens=12, temperature=0).choices[0].message.content
+                   for c in (parts, parts[::-1])]
+    finally:
+        live.close()
+    ours = engine.chat([{"role": "user", "content": "<image>\nwhat color"}], [Image.open(io.BytesIO(data))],
+                       SamplingParams(max_new_tokens=12))
+    assert replies == [ours.text, ours.text]

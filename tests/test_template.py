@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import pytest
 
 from minimind_v.data.formats import BadSample
-from minimind_v.data.template import IGNORE_INDEX, build_prompt, encode_conversation, encode_text
+from minimind_v.data.template import IGNORE_INDEX, build_prompt, encode_conversation, encode_text, images_first
 from minimind_v.data.tokenizer import load_tokenizer
 
 
@@ -14,6 +14,7 @@ from minimind_v.data.tokenizer import load_tokenizer
 class Placeholder:
     image_token_id: int
     image_token_len: int
+    images_first: bool = False
 
 
 CHAT = [
@@ -134,3 +135,22 @@ def test_plain_text_is_all_supervised(tokenizer_dir):
     assert sample.labels == sample.input_ids and sample.input_ids[-1] == tok.eos_token_id
     with pytest.raises(BadSample, match="no_supervised_tokens"):
         encode_text(tok, "")
+
+
+def test_images_first_reads_a_text_first_turn_as_the_image_first_one(tok_and_image):
+    tokenizer, image = tok_and_image
+    first = Placeholder(image.image_token_id, image.image_token_len, images_first=True)
+    text_first = [CHAT[0], {"role": "user", "content": "what color is the square?\n<image>"}, *CHAT[2:]]
+    assert images_first(CHAT) == CHAT  # already image-first: unchanged
+    assert images_first(text_first) == CHAT
+    two = [{"role": "user", "content": "compare\n<image>\n<image>"}, {"role": "assistant", "content": "same"}]
+    assert images_first(two)[0]["content"] == "<image>\n<image>\ncompare"
+    trained = encode_conversation(tokenizer, CHAT, image, n_images=1)
+    for conversation in (CHAT, text_first):
+        moved = encode_conversation(tokenizer, conversation, first, n_images=1)
+        assert (moved.input_ids, moved.labels) == (trained.input_ids, trained.labels)
+    as_given = encode_conversation(tokenizer, text_first, image, n_images=1)
+    assert as_given.input_ids != trained.input_ids  # off (the original's models): the order is kept
+    prompt = [CHAT[0], {"role": "user", "content": "what color is the square?\n<image>"}]
+    assert build_prompt(tokenizer, prompt, first.image_token_id, first.image_token_len, images_first=True) == \
+        build_prompt(tokenizer, CHAT[:2], first.image_token_id, first.image_token_len)

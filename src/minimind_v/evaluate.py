@@ -174,7 +174,7 @@ def answer_all(engine: Any, items: list[Item], reader: Reader, batch_size: int, 
             images = [load_image(ref if isinstance(ref, bytes) else folder.resolve(ref))
                       for ref in item.images]
             prompt = build_prompt(engine.tokenizer, item.messages, cfg.image_token_id, cfg.image_token_len,
-                                  n_images=len(images))
+                                  n_images=len(images), images_first=cfg.images_first)
         except BadSample as err:
             item.error = str(err)
             continue

@@ -83,6 +83,9 @@ class Recipe:
     """Fixed training steps instead of what fits the time (experiments on other machines)."""
     image_place: str = "before"
     """Where the image goes in the training and test questions: before, after or mixed (synth --image-place)."""
+    images_first: bool = True
+    """The model reads each turn's images before its text whatever the order given (VLMConfig.images_first), so
+    it answers a text-first question as it answers the image-first ones it learned from."""
 
 
 @dataclass
@@ -295,7 +298,8 @@ def train_world(data: Path, n_samples: int, run_dir: Path, tokenizer_dir: Path, 
     from minimind_v.train.metrics import read_metrics
 
     overrides = [f"warmup_steps={max(1, min(50, steps // 10))}", f"model.lm.num_hidden_layers={recipe.layers}",
-                 f"model.lm.qk_norm={str(recipe.qk_norm).lower()}", "model.vision.freeze=true"]
+                 f"model.lm.qk_norm={str(recipe.qk_norm).lower()}", "model.vision.freeze=true",
+                 f"model.images_first={str(recipe.images_first).lower()}"]
     opts = TrainOptions(stage="sft", data=str(data), out=str(run_dir), from_="none", preset="tiny",
                         tokenizer=str(tokenizer_dir), vision=str(vision), batch_size=recipe.batch_size, lr=recipe.lr,
                         max_seq_len=512, epochs=math.ceil(steps * recipe.batch_size / n_samples) + 1, max_steps=steps,
@@ -436,7 +440,7 @@ def _run(opts: QuickstartOptions) -> int:
     with clock.phase("tokenizer"):
         tokenizer = train_world_tokenizer([data["qa"]], recipe.vocab_size, out / "tokenizer")
     cfg = resolve_start("none", "tiny", str(out / "tokenizer"), None).cfg
-    cfg.lm.num_hidden_layers, cfg.lm.qk_norm = recipe.layers, recipe.qk_norm
+    cfg.lm.num_hidden_layers, cfg.lm.qk_norm, cfg.images_first = recipe.layers, recipe.qk_norm, recipe.images_first
     with clock.phase("vision tower"):
         tower = pretrain_world_tower(data["qa"], cfg, recipe, out, opts.seed)
     with clock.phase("planning"):

@@ -98,7 +98,7 @@ def export_hf(model_dir: str | Path, out: str | Path) -> None:
     processor.save(out)
     settings = {"processor_class": "MiniMindVProcessor", "auto_map": {"AutoProcessor": AUTO_MAP["AutoProcessor"]},
                 "image_marker": IMAGE_MARKER, "image_token_id": config.image_token_id,
-                "image_token_len": config.image_token_len}
+                "image_token_len": config.image_token_len, "images_first": config.images_first}
     (out / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
     normal_modes(out)
 
@@ -116,7 +116,8 @@ def hf_config(model: Any, tokenizer: Any) -> Any:
         vision_settings={"image_size": cfg.vision.image_size, "num_patches": cfg.vision.num_patches,
                          "freeze": cfg.vision.freeze},
         projector=cfg.projector, image_token=cfg.image_token, image_token_id=cfg.image_token_id,
-        image_token_len=cfg.image_token_len, eos_token_id=ends, pad_token_id=tokenizer.pad_token_id,
+        image_token_len=cfg.image_token_len, images_first=cfg.images_first, eos_token_id=ends,
+        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id)
     config.architectures = ["MiniMindVForCausalLM"]
     config.auto_map = dict(AUTO_MAP)
@@ -136,7 +137,7 @@ def import_hf(src: str | Path, out: str | Path) -> None:
                               hidden_size=data["vision_hidden_size"], **settings)
         cfg = VLMConfig(lm=LMConfig(**data["lm"]), vision=vision, projector=data["projector"],
                         image_token=data["image_token"], image_token_id=data["image_token_id"],
-                        image_token_len=data["image_token_len"])
+                        image_token_len=data["image_token_len"], images_first=data.get("images_first", False))
     except (KeyError, TypeError) as err:
         raise UserError(f"{src / 'config.json'}: not a minimind-v export ({type(err).__name__}: {err})") from None
     model = MiniMindVLM(cfg)

@@ -14,11 +14,14 @@ sample is tokenised exactly as `build_prompt` tokenises it at inference.
 Images: each `<image>` in the text becomes `image_token_len` copies of `image_token_id`, inserted
 at the token level (never through BPE). A sample with images and no marker gets one "<image>\\n" per
 image prepended to its first user turn (what the original does); any other count mismatch is bad.
+A model with `images_first` has each user turn's markers moved before its text ("q\\n<image>" reads as
+"<image>\\nq"), in training and in prompts, so where a user puts an image cannot change its answer.
 """
 
 from __future__ import annotations
 
 import bisect
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,6 +36,7 @@ class ImageTokens(Protocol):
 
     image_token_id: int
     image_token_len: int
+    images_first: bool
 
 
 @dataclass
@@ -66,6 +70,18 @@ def with_image_markers(messages: list[dict[str, str]], n_images: int) -> list[di
         out[first_user]["content"] = f"{IMAGE_MARKER}\n" * n_images + out[first_user]["content"]
         return out
     raise BadSample("marker_mismatch", f"{markers} {IMAGE_MARKER} marker(s) for {n_images} image(s)")
+
+
+def images_first(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Each user turn's `<image>` markers moved before its text, one per line; an image-first turn is unchanged."""
+    out = []
+    for message in messages:
+        n = message["content"].count(IMAGE_MARKER)
+        if message["role"] == "user" and n:
+            text = re.sub(rf"{re.escape(IMAGE_MARKER)}\n|\n?{re.escape(IMAGE_MARKER)}", "", message["content"])
+            message = {**message, "content": f"{IMAGE_MARKER}\n" * n + text}
+        out.append(message)
+    return out
 
 
 DEFAULT_SYSTEM = "You are a helpful assistant"
@@ -158,6 +174,8 @@ def _tokenize_pieces(tokenizer: Any, text: str, cuts: list[int], supervised: lis
 def _encode(tokenizer: Any, messages: list[dict[str, str]], image: ImageTokens,
             add_generation_prompt: bool) -> tuple[list[int], list[int], list[int], list[int]]:
     """ids, labels, the token index where each assistant turn ends, the token index where each image starts."""
+    if image.images_first:
+        messages = images_first(messages)
     text = render(tokenizer, messages, add_generation_prompt)
     spans, turn_ends = _assistant_spans(tokenizer, messages, text)
     cuts = sorted({0, len(text), *(p for span in spans for p in span), *turn_ends})
@@ -196,7 +214,7 @@ def encode_text(tokenizer: Any, text: str, max_seq_len: int | None = None) -> En
 
 
 def build_prompt(tokenizer: Any, messages: list[dict[str, str]], image_token_id: int, image_token_len: int,
-                 n_images: int | None = None) -> list[int]:
+                 n_images: int | None = None, images_first: bool = False) -> list[int]:
     """Inference prompt: the conversation so far (ending with a user turn) plus `<|im_start|>assistant\\n`.
 
     `<image>` markers expand as in training. With n_images given and no marker in the text, the markers are
@@ -205,7 +223,7 @@ def build_prompt(tokenizer: Any, messages: list[dict[str, str]], image_token_id:
     check_roles(messages, for_prompt=True)
     if n_images is not None:
         messages = with_image_markers(messages, n_images)
-    image = _Placeholder(image_token_id, image_token_len)
+    image = _Placeholder(image_token_id, image_token_len, images_first)
     return _encode(tokenizer, messages, image, add_generation_prompt=True)[0]
 
 
@@ -213,3 +231,4 @@ def build_prompt(tokenizer: Any, messages: list[dict[str, str]], image_token_id:
 class _Placeholder:
     image_token_id: int
     image_token_len: int
+    images_first: bool = False

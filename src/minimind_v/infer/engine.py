@@ -127,7 +127,7 @@ class Engine:
 
         try:
             prompt = build_prompt(self.tokenizer, messages, self.config.image_token_id, self.config.image_token_len,
-                                  n_images=n_images)
+                                  n_images=n_images, images_first=self.config.images_first)
         except BadSample as err:  # wrong role order, or <image> markers that do not match the images
             raise UserError(err.detail) from None
         self._room_left([prompt], 1)

@@ -100,6 +100,10 @@ class VLMConfig:
     """Id of the placeholder token."""
     image_token_len: int = 196
     """Placeholder tokens per image = patch features per image."""
+    images_first: bool = False
+    """Read each user turn's images before its text, in training and at inference alike, wherever the data or
+    the user put them; the answer then cannot depend on the order. Off: as given, as the original's models
+    were trained (its SFT data has the image after the text)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

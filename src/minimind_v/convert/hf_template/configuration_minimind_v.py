@@ -22,7 +22,7 @@ class MiniMindVConfig(PretrainedConfig):
     model_type = "minimind_v"
 
     def __init__(self, lm=None, vision_tower_config=None, vision_hidden_size=768, vision_settings=None,
-                 projector="linear", image_token="@", image_token_id=34, image_token_len=196,
+                 projector="linear", image_token="@", image_token_id=34, image_token_len=196, images_first=False,
                  tie_word_embeddings=True, use_cache=True, **kwargs):
         self.lm = {**LM_DEFAULTS, **(lm or {})}
         self.vision_tower_config = vision_tower_config or {"model_type": "clip_vision_model"}
@@ -33,6 +33,7 @@ class MiniMindVConfig(PretrainedConfig):
         self.image_token = image_token
         self.image_token_id = image_token_id
         self.image_token_len = image_token_len
+        self.images_first = images_first  # the processor moves each user turn's images before its text
         self.use_cache = use_cache
         for name in MIRRORED:
             kwargs.pop(name, None)  # derived from `lm` below, never a second source of truth

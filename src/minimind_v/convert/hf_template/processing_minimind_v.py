@@ -10,25 +10,29 @@ The chat template is the tokenizer's own. A message's content is a string, where
 the next image, or transformers' list of parts: `{"type": "text", "text": ...}` and `{"type": "image"}`,
 joined by newlines with one `<image>` per image part, as minimind-v's OpenAI server joins them. Each
 `<image>` becomes `image_token_len` copies of `image_token_id` at the token level (never through BPE,
-which would merge repeated placeholder characters); batches are left-padded for `generate`.
+which would merge repeated placeholder characters); batches are left-padded for `generate`. A model
+exported with `images_first` reads each user turn's images before its text: apply_chat_template moves them
+there, whatever the order given, as minimind-v does in training and at inference.
 """
 
 import json
+import re
 
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import cached_file
 
-SETTINGS = ("image_marker", "image_token_id", "image_token_len")
+SETTINGS = ("image_marker", "image_token_id", "image_token_len", "images_first")
 
 
 class MiniMindVProcessor(ProcessorMixin):
     def __init__(self, image_processor=None, tokenizer=None, image_marker="<image>", image_token_id=None,
-                 image_token_len=None, chat_template=None, **kwargs):
+                 image_token_len=None, images_first=False, chat_template=None, **kwargs):
         self.image_marker = image_marker
         self.image_token_id = image_token_id
         self.image_token_len = image_token_len
+        self.images_first = images_first
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     @classmethod
@@ -100,17 +104,25 @@ class MiniMindVProcessor(ProcessorMixin):
         return out if return_dict else out["input_ids"]
 
     def _flatten_message(self, message):
+        """String content, parts joined by newlines; with images_first (the model's setting, applied as
+        minimind-v applies it), a user turn's images moved before its text."""
         if isinstance(message["content"], str):
-            return message
-        texts = []
-        for part in message["content"]:
-            if part["type"] == "text":
-                texts.append(part["text"])
-            elif part["type"] == "image":
-                texts.append(self.image_marker)
-            else:
-                raise ValueError(f"content part type {part['type']!r}: expected 'text' or 'image'")
-        return {**message, "content": "\n".join(texts)}
+            content = message["content"]
+        else:
+            content = "\n".join(self._part_text(part) for part in message["content"])
+        n = content.count(self.image_marker)
+        if self.images_first and message["role"] == "user" and n:
+            marker = re.escape(self.image_marker)
+            text = re.sub(f"{marker}\n|\n?{marker}", "", content)
+            content = f"{self.image_marker}\n" * n + text
+        return {**message, "content": content}
+
+    def _part_text(self, part):
+        if part["type"] == "text":
+            return part["text"]
+        if part["type"] == "image":
+            return self.image_marker
+        raise ValueError(f"content part type {part['type']!r}: expected 'text' or 'image'")
 
     @property
     def model_input_names(self):
