@@ -131,3 +131,28 @@ def test_download_without_the_hub_fails_fast_and_names_the_cause(tmp_path, monke
     err = one_line_error(capsys, f"http://127.0.0.1:{closed} cannot be reached", "llm_512.pth")
     assert "HF_HUB_OFFLINE" not in err and constants.HF_HUB_OFFLINE is False
     assert time.monotonic() - started < 15  # huggingface_hub alone retries for ~24 s
+
+
+def test_web_page_title_names_the_run_not_the_model_folder(monkeypatch, tmp_path, tiny_model_dir):
+    import shutil
+
+    from minimind_v.infer import web
+
+    model_dir = tmp_path / "runs" / "quickstart" / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    titles: list[str] = []
+
+    class Page:
+        def queue(self, **_):
+            return self
+
+        def launch(self, **_):
+            return None
+
+    monkeypatch.setattr(web, "build_app", lambda engine, title: titles.append(title) or Page())
+    port = _taken_port()
+    free = port.getsockname()[1]
+    port.close()
+    assert cli.main(["web", "--model", str(model_dir), "--port", str(free)]) == 0
+    assert cli.main(["web", "--model", str(model_dir), "--port", str(free), "--served-model-name", "mine"]) == 0
+    assert titles == ["minimind-v · quickstart", "minimind-v · mine"]
