@@ -36,6 +36,17 @@ def as_typed(text: str) -> str:
     return text.replace("\n", "\r\n")
 
 
+def asker(child: pexpect.spawn):
+    """Send a line to the session; the model's answer as the terminal shows it."""
+
+    def ask(line: str) -> str:
+        child.sendline(line)
+        child.expect_exact(as_typed(line + "\n") + "model> ")
+        child.expect_exact("\r\nyou> ")
+        return child.before
+    return ask
+
+
 def test_one_shot_json_is_the_engines_answer(tiny_model_dir, picture, engine, capsys):
     argv = ["chat", "--model", str(tiny_model_dir), "--image", picture, "--prompt", "what color", "--greedy",
             "--max-new-tokens", "10", "--json"]
@@ -57,11 +68,7 @@ def test_interactive_session_feeds_history_and_images_back(tiny_model_dir, pictu
     child = pexpect.spawn(CLI[0], [*CLI[1:], "--model", str(tiny_model_dir), "--greedy", "--max-new-tokens", "10"],
                           encoding="utf-8", timeout=300, env=CHILD_ENV)
 
-    def ask(line: str) -> str:
-        child.sendline(line)
-        child.expect_exact(as_typed(line + "\n") + "model> ")
-        child.expect_exact("\r\nyou> ")
-        return child.before
+    ask = asker(child)
 
     child.expect_exact("you> ")
     child.sendline(f"/image {picture}")
@@ -124,11 +131,7 @@ def test_new_image_starts_a_new_conversation_and_reset_keeps_the_command_line_im
     child = pexpect.spawn(CLI[0], [*CLI[1:], "--model", str(tiny_model_dir), "--image", picture, "--greedy",
                                    "--max-new-tokens", "10"], encoding="utf-8", timeout=300, env=CHILD_ENV)
 
-    def ask(line: str) -> str:
-        child.sendline(line)
-        child.expect_exact(as_typed(line + "\n") + "model> ")
-        child.expect_exact("\r\nyou> ")
-        return child.before
+    ask = asker(child)
 
     child.expect_exact("you> ")
     first = ask("what color")

@@ -80,7 +80,9 @@ def _offline_when_unreachable() -> Iterator[None]:
     minute. Unreachable, the run goes on offline, so files already in the folder still count."""
     from huggingface_hub import constants
 
-    why = None if _offline() else _connect_error(constants.ENDPOINT)
+    # Behind a proxy a direct connection proves nothing: there huggingface_hub's own handling stands.
+    proxied = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    why = None if _offline() or proxied else _connect_error(constants.ENDPOINT)
     if why is None:
         yield
         return

@@ -62,8 +62,8 @@ class ServeOptions:
     allow_remote_images: bool = False
     """Fetch http(s) image URLs (off: only data: URLs). file: URLs are always refused."""
     served_model_name: str | None = None
-    """The name requests must give as `model`; default: the model directory's name, or its parent's when
-    the directory is called model (runs/quickstart/model -> quickstart)."""
+    """The model's name in the API (a request naming another gets 404); default: the model directory's name,
+    or its parent's when the directory is called model (runs/quickstart/model -> quickstart)."""
 
 
 class APIError(Exception):
