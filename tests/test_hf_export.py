@@ -268,3 +268,13 @@ def test_an_images_first_export_reads_the_image_first_whatever_the_order(images_
     assert cli.main(["convert", "import-hf", "--src", str(out), "--out", str(tmp_path / "back")]) == 0
     assert read_config(tmp_path / "back") == read_config(images_first_model_dir)
     assert read_config(tmp_path / "back").images_first
+
+
+def test_the_export_config_defaults_are_lmconfig_defaults():
+    """The template's LM_DEFAULTS stand in for LMConfig's when an older export lacks a key: they must agree."""
+    import dataclasses
+
+    from minimind_v.convert.hf_template.configuration_minimind_v import LM_DEFAULTS
+    from minimind_v.model.config import LMConfig
+
+    assert LM_DEFAULTS == dataclasses.asdict(LMConfig())

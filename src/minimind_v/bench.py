@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from minimind_v.constants import IGNORE_INDEX
 from minimind_v.data.images import ImagePreprocessor
 from minimind_v.devices import resolve_device
 from minimind_v.errors import UserError
 from minimind_v.model.config import VLMConfig
-from minimind_v.model.llm import IGNORE_INDEX
 from minimind_v.model.vlm import MiniMindVLM
 from minimind_v.presets import get_preset
 from minimind_v.train.freezing import apply_policy

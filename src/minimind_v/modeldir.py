@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from minimind_v.data.images import image_processor_config
 from minimind_v.data.tokenizer import save_tokenizer
 from minimind_v.errors import UserError
+from minimind_v.fileio import atomic_write, atomic_write_text, normal_modes, replace_dir
 from minimind_v.model.config import VisionConfig, VLMConfig
 from minimind_v.model.vision import VisionTower, quiet_transformers
 from minimind_v.model.vlm import MiniMindVLM
@@ -49,7 +48,7 @@ def save_model(model: MiniMindVLM, directory: str | Path, tokenizer: Any = None)
         # A local tower is referenced absolutely, so the directory still works from anywhere.
         cfg = dataclasses.replace(cfg, vision=dataclasses.replace(
             cfg.vision, name_or_path=str(Path(cfg.vision.name_or_path).resolve())))
-    _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(weights_to_save(model), tmp, {"format": "pt"}))
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(weights_to_save(model), str(tmp), {"format": "pt"}))
     _write_config(directory, cfg)
     if tokenizer is not None:
         save_tokenizer(tokenizer, directory)  # the chat template kept inside tokenizer_config.json
@@ -74,7 +73,7 @@ def _save_tower_inside(tower: VisionTower, directory: Path, cfg: VLMConfig) -> V
 
 def _write_config(directory: Path, cfg: VLMConfig) -> None:
     config = {"format_version": FORMAT_VERSION, **cfg.to_dict()}
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
 
 def tower_lives_inside(vision: VisionConfig) -> bool:
@@ -164,12 +163,7 @@ def save_tower(tower: VisionTower, directory: Path, image_size: int) -> None:
             processor = image_processor_config(tower.source)
     (staging / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     normal_modes(staging)
-    target, old = directory / VISION_DIR, directory / ".vision-old"
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(staging, directory / VISION_DIR)
 
 
 def default_image_processor(family: str, image_size: int) -> dict[str, Any]:
@@ -183,39 +177,3 @@ def default_image_processor(family: str, image_size: int) -> dict[str, Any]:
                 "image_mean": CLIP_MEAN, "image_std": CLIP_STD}
     return {"image_processor_type": "SiglipImageProcessor", **common, "resample": 2,
             "size": {"height": image_size, "width": image_size}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same directory, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        normal_modes(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def normal_modes(path: Path) -> None:
-    """The permissions a plain write would give (0666 / 0777 less the umask), on `path` and all below it.
-
-    Temporary files and directories are created owner-only (mkstemp, mkdtemp, transformers' own
-    save_pretrained), and a rename keeps that: without this a model directory could not be read by
-    another user or a container running under another uid."""
-    mask = _umask()
-    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
-        if not item.is_symlink():
-            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
-
-
-def _umask() -> int:
-    """The process's umask, read without setting it where Linux allows (os.umask can only set it)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from minimind_v.constants import IGNORE_INDEX
 from minimind_v.errors import UserError
 
 MARKER = "quickstart.json"
@@ -218,7 +219,7 @@ def sample_shape(data: Path, tokenizer: Any, cfg: Any, n: int = 200) -> Shape:
     for ref in (ref for s in samples for ref in s.images):
         preprocess.array(load_image(folder.resolve(ref)))
     tokens = sum(len(e.input_ids) for e in encoded)
-    supervised = sum(sum(1 for label in e.labels if label != -100) for e in encoded)
+    supervised = sum(sum(1 for label in e.labels if label != IGNORE_INDEX) for e in encoded)
     return Shape(tokens / len(encoded), supervised / max(tokens, 1), (time.perf_counter() - began) / len(samples))
 
 
@@ -235,7 +236,7 @@ def time_one_step(cfg: Any, batch_size: int, seq_len: int, supervised: float) ->
     ids[:, 2:2 + cfg.image_token_len] = cfg.image_token_id
     answers = max(1, round(supervised * seq_len))
     labels = ids.clone()
-    labels[:, :seq_len - answers] = -100
+    labels[:, :seq_len - answers] = IGNORE_INDEX
     pixels = torch.randn(batch_size, 3, cfg.vision.image_size, cfg.vision.image_size)
 
     def step() -> None:

@@ -75,10 +75,10 @@ def _template(name: str) -> Any:
 
 def export_hf(model_dir: str | Path, out: str | Path) -> None:
     from minimind_v.data.images import load_image_processor
-    from minimind_v.data.template import IMAGE_MARKER
+    from minimind_v.constants import IMAGE_MARKER
     from minimind_v.data.tokenizer import load_tokenizer, save_tokenizer
     from minimind_v.model.vlm import MiniMindVLM
-    from minimind_v.modeldir import normal_modes
+    from minimind_v.fileio import normal_modes
 
     out = _output_dir(out)
     model = MiniMindVLM.from_pretrained(model_dir)

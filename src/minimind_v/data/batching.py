@@ -25,7 +25,7 @@ import torch
 
 from minimind_v.data.dataset import Sample
 from minimind_v.data.formats import BadSample
-from minimind_v.data.template import IGNORE_INDEX
+from minimind_v.constants import IGNORE_INDEX
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:

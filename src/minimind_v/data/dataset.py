@@ -25,7 +25,8 @@ import torch
 
 from minimind_v.data.formats import BadSample, ImageRef, RawSample, Reader
 from minimind_v.data.images import DEFAULT_MAX_PIXELS, ImageFolder, ImagePreprocessor, load_image
-from minimind_v.data.template import IGNORE_INDEX, EncodedSample, ImageTokens, encode_conversation, encode_text
+from minimind_v.constants import IGNORE_INDEX, IMAGE_MARKER
+from minimind_v.data.template import EncodedSample, ImageTokens, encode_conversation, encode_text
 from minimind_v.errors import UserError
 
 
@@ -178,7 +179,7 @@ class VLMDataset(torch.utils.data.Dataset):
         if raw.text is not None:
             return encode_text(self.tokenizer, raw.text, max_len)
         if self.settings.text_only:
-            messages = [{**m, "content": m["content"].replace("<image>", "")} for m in raw.conversations]
+            messages = [{**m, "content": m["content"].replace(IMAGE_MARKER, "")} for m in raw.conversations]
             return encode_conversation(self.tokenizer, messages, self.image, 0, max_len)
         return encode_conversation(self.tokenizer, raw.conversations, self.image, len(raw.images), max_len)
 

@@ -36,6 +36,7 @@ from PIL import Image
 
 from minimind_v.data.formats import BadSample
 from minimind_v.data.images import load_image
+from minimind_v.fileio import atomic_write_text
 
 ImageRef = str | os.PathLike | bytes
 """An image as the data layer names it: a file path, or the encoded bytes themselves (parquet)."""
@@ -255,7 +256,7 @@ class FeatureCache:
                 raise ValueError(f"{meta_path}: cache holds {old['n_patches']}x{old['dim']} features, "
                                  f"asked for {self.n_patches}x{self.dim}")
             return
-        _atomic_write(meta_path, json.dumps(meta, indent=1, default=str))
+        atomic_write_text(meta_path, json.dumps(meta, indent=1, default=str))
 
     def _load_index(self) -> None:
         path = self.dir / "index.json"
@@ -268,7 +269,7 @@ class FeatureCache:
     def _save_index(self) -> None:
         data = {"version": INDEX_VERSION, "shard_rows": self._shard_rows, "keys": self._keys,
                 "files": self._files, "broken": self._broken}
-        _atomic_write(self.dir / "index.json", json.dumps(data, separators=(",", ":")))
+        atomic_write_text(self.dir / "index.json", json.dumps(data, separators=(",", ":")))
 
 
 def _decode(image: ImageRef, load: Callable[[ImageRef], Image.Image],
@@ -283,9 +284,3 @@ def _decode(image: ImageRef, load: Callable[[ImageRef], Image.Image],
 
 def _describe(image: ImageRef) -> str:
     return f"<{len(image)} bytes {content_key(image)[:12]}>" if isinstance(image, bytes) else os.fspath(image)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -25,10 +25,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from minimind_v.constants import IGNORE_INDEX, IMAGE_MARKER
 from minimind_v.data.formats import BadSample
 
-IMAGE_MARKER = "<image>"
-IGNORE_INDEX = -100
 
 
 class ImageTokens(Protocol):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from minimind_v.data.template import IMAGE_MARKER
+from minimind_v.constants import IMAGE_MARKER
 from minimind_v.errors import UserError
 from minimind_v.infer.engine import Completion, Engine, SamplingParams
 

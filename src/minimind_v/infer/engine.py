@@ -20,10 +20,10 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from minimind_v.constants import END_TOKENS
 from minimind_v.devices import resolve_device
 from minimind_v.errors import UserError
 
-END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
 @dataclass

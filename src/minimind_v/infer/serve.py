@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from starlette.exceptions import HTTPException
 
-from minimind_v.data.template import IMAGE_MARKER
+from minimind_v.constants import IMAGE_MARKER
 from minimind_v.errors import UserError
 from minimind_v.infer.engine import Completion, Engine, SamplingParams
 from minimind_v.infer.hosting import listen_socket, served_name

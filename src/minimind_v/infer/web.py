@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
+from minimind_v.constants import IMAGE_MARKER
 from minimind_v.errors import UserError
 from minimind_v.infer.chat import open_image, with_image_markers
 from minimind_v.infer.engine import Engine, SamplingParams
@@ -105,7 +106,7 @@ def _respond(engine: Engine, display: list, convo: dict, params: SamplingParams)
             yield display, convo
     except UserError as err:
         turn = convo["messages"][-1]
-        n_new = turn["content"].count("<image>")
+        n_new = turn["content"].count(IMAGE_MARKER)
         convo = {"messages": convo["messages"][:-1], "images": convo["images"][:len(convo["images"]) - n_new]}
         yield display[:-1], convo
         raise gr.Error(f"{err} (start a new conversation if it grew too long)") from None

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minimind_v.constants import IGNORE_INDEX
 from minimind_v.model.config import LMConfig
 
 KVCache = list[tuple[Tensor, Tensor]]
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -13,7 +13,6 @@ moment leaves either the complete checkpoint or none. The newest `keep` are kept
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minimind_v.errors import UserError
+from minimind_v.fileio import replace_dir
 
 _NAME = re.compile(r"^step-(\d+)$")
 
@@ -93,9 +93,7 @@ def save(out: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimize
                 "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
     torch.save(rng_states, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    if final.exists():  # the same step written again after a resume: replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_dir(tmp, final)  # the same step written again after a resume replaces the old one
     _prune(root, keep)
     return final
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
 from minimind_v.errors import UserError
+from minimind_v.fileio import atomic_write, atomic_write_text
 
 TRACKERS = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "swanlab": "swanlab"}
 
@@ -85,9 +85,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -111,10 +109,10 @@ def plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> None:
     if train or val:
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
 
 
 class RunLog:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -16,6 +15,7 @@ from tqdm import tqdm
 
 from minimind_v.data.batching import BatchPlan, Collator
 from minimind_v.errors import UserError
+from minimind_v.fileio import replace_dir
 from minimind_v.train import build, checkpoint, distributed, features, freezing, optim
 from minimind_v.train.config import TrainConfig, warmup_steps
 from minimind_v.train.distributed import DistInfo
@@ -326,13 +326,10 @@ class Session:
 
     def _finish(self) -> None:
         if self.info.is_main:
-            target, tmp, old = self.out / "model", self.out / ".tmp-model", self.out / ".old-model"
+            target, tmp = self.out / "model", self.out / ".tmp-model"
             shutil.rmtree(tmp, ignore_errors=True)
             self.model.save_pretrained(tmp, tokenizer=self.start.tokenizer)
-            if target.exists():
-                os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, target)
             self.say(f"done: {self.step} steps in {self.elapsed():.1f} s; model in {target}")
         distributed.barrier()
 

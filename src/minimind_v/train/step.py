@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from minimind_v.model.llm import IGNORE_INDEX
+from minimind_v.constants import IGNORE_INDEX
 from minimind_v.train import distributed
 
 Batch = dict[str, torch.Tensor]
