@@ -89,3 +89,14 @@ def test_errors_name_the_path(tmp_path):
     with pytest.raises(UserError, match="nothing.txt"):
         list(corpus_texts([str(tmp_path / "nothing.txt")]))
     assert cli.main(["tokenizer", "--corpus", str(tmp_path / "x.txt"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_saved_config_holds_no_loading_options(tokenizer_dir, tmp_path):
+    """transformers 5 writes the from_pretrained flags it was given (local_files_only, is_local) into the config."""
+    import json
+
+    from minimind_v.data.tokenizer import load_tokenizer, save_tokenizer
+
+    save_tokenizer(load_tokenizer(tokenizer_dir), tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert "local_files_only" not in config and "is_local" not in config and config["chat_template"]

@@ -91,6 +91,8 @@ def save_tokenizer(tokenizer: Any, out: str | Path) -> None:
     tokenizer.save_pretrained(out)
     config_path = out / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
+    for loading_only in ("is_local", "local_files_only"):  # how it was loaded here, not what it is
+        config.pop(loading_only, None)
     config["chat_template"] = tokenizer.chat_template
     config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
     (out / "chat_template.jinja").unlink(missing_ok=True)  # one copy of the template, not two
