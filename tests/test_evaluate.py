@@ -113,3 +113,14 @@ def test_eval_on_a_missing_gpu_is_one_line(tmp_path, tiny_model_dir, capsys, mon
     data = write_dataset(SynthOptions(out=str(tmp_path / "d"), n=2, seed=3, split="test", image_size=48))
     assert cli.main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--device", "cuda"]) == 2
     assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+
+
+def test_a_prompt_too_long_for_the_model_is_one_samples_error(tmp_path, tiny_model_dir, capsys):
+    rows = [{"conversations": [{"role": "user", "content": "red " * 3000}, {"role": "assistant", "content": "x"}]},
+            {"conversations": [{"role": "user", "content": "what color"}, {"role": "assistant", "content": "red"}]}]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert cli.main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert (report["errors"], report["scored"]) == (1, 1) and "positions" in captured.err

@@ -161,10 +161,8 @@ def _types(reader: Reader) -> dict[int, str]:
 def answer_all(engine: Any, items: list[Item], reader: Reader, batch_size: int, max_new_tokens: int) -> None:
     """Greedy answers for every askable item, in batches of similar expected length."""
     from minimind_v.data.images import ImageFolder, load_image
-    from minimind_v.data.template import build_prompt
     from minimind_v.infer.engine import SamplingParams
 
-    cfg = engine.config
     folder = ImageFolder(reader.images_dir or Path("."))
     ready: list[tuple[Item, list[int], list[Any]]] = []
     for item in items:
@@ -173,9 +171,8 @@ def answer_all(engine: Any, items: list[Item], reader: Reader, batch_size: int, 
         try:
             images = [load_image(ref if isinstance(ref, bytes) else folder.resolve(ref))
                       for ref in item.images]
-            prompt = build_prompt(engine.tokenizer, item.messages, cfg.image_token_id, cfg.image_token_len,
-                                  n_images=len(images), images_first=cfg.images_first)
-        except BadSample as err:
+            prompt = engine.prompt(item.messages, len(images))  # the prompt chat and serve would run
+        except (BadSample, UserError) as err:  # a broken image; roles, markers or length the engine refuses
             item.error = str(err)
             continue
         ready.append((item, prompt, images))
