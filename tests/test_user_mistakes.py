@@ -62,12 +62,17 @@ def test_model_directories_get_the_permissions_of_a_normal_write(tmp_path, token
                          "--batch-size", "4", "--set", "model.lm.hidden_size=32", "--set",
                          "model.lm.num_hidden_layers=1"]) == 0
         saved = tmp_path / "run" / "model"
+        private = tmp_path / "hf" / ".git" / "config"  # exporting into a clone of a hub repo
+        private.parent.mkdir(parents=True)
+        private.write_text("[core]\n")
+        private.chmod(0o600)
         assert cli.main(["convert", "export-hf", "--model", str(saved), "--out", str(tmp_path / "hf")]) == 0
         assert cli.main(["convert", "import-hf", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
     finally:
         os.umask(old)
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600  # what the export did not write keeps its modes
     for root in ("run/model", "hf", "back"):
-        paths = [tmp_path / root, *(tmp_path / root).rglob("*")]
+        paths = [p for p in [tmp_path / root, *(tmp_path / root).rglob("*")] if ".git" not in p.parts]
         assert any(p.name == "model.safetensors" for p in paths)
         for path in paths:
             mode = stat.S_IMODE(path.stat().st_mode)

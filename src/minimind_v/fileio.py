@@ -10,7 +10,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -52,6 +52,21 @@ def normal_modes(path: Path) -> None:
     for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
         if not item.is_symlink():
             os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+@contextlib.contextmanager
+def normal_modes_for_new_files(directory: Path) -> Iterator[None]:
+    """normal_modes on the files a writer that is not ours (transformers' save_pretrained) creates or replaces
+    at the top of `directory` inside the block; whatever else is there (a hub repo's .git) stays as it was."""
+    before = _files(directory)
+    yield
+    for path, identity in _files(directory).items():
+        if before.get(path) != identity:
+            normal_modes(path)
+
+
+def _files(directory: Path) -> dict[Path, tuple[int, int]]:
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in directory.iterdir() if p.is_file()}
 
 
 def _umask() -> int:

@@ -8,7 +8,7 @@ The exported directory needs transformers, not minimind-v:
     processing_minimind_v.py    MiniMindVProcessor: chat template, <image> expansion, image preprocessing
     model.safetensors           our state dict as it is (vision tower included under vision.model.*)
     generation_config.json      stop on <|im_end|> and <|endoftext|>
-    processor_config.json       the processor's placeholder settings (image_token_id, image_token_len)
+    processor_config.json       the processor's settings (image_token_id, image_token_len, images_first)
     tokenizer files, preprocessor_config.json (the vision tower's image preprocessing)
 
     model = AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
@@ -78,7 +78,7 @@ def export_hf(model_dir: str | Path, out: str | Path) -> None:
     from minimind_v.constants import IMAGE_MARKER
     from minimind_v.data.tokenizer import load_tokenizer, save_tokenizer
     from minimind_v.model.vlm import MiniMindVLM
-    from minimind_v.fileio import normal_modes
+    from minimind_v.fileio import normal_modes_for_new_files
 
     out = _output_dir(out)
     model = MiniMindVLM.from_pretrained(model_dir)
@@ -91,7 +91,8 @@ def export_hf(model_dir: str | Path, out: str | Path) -> None:
     hf_model.load_state_dict(model.state_dict(), strict=True)
     hf_model.generation_config.eos_token_id = config.eos_token_id
     hf_model.generation_config.pad_token_id = config.pad_token_id
-    hf_model.save_pretrained(out)
+    with normal_modes_for_new_files(out):
+        hf_model.save_pretrained(out)
     for name in CODE_FILES:
         shutil.copyfile(TEMPLATE / name, out / name)
     save_tokenizer(tokenizer, out)
@@ -100,7 +101,6 @@ def export_hf(model_dir: str | Path, out: str | Path) -> None:
                 "image_marker": IMAGE_MARKER, "image_token_id": config.image_token_id,
                 "image_token_len": config.image_token_len, "images_first": config.images_first}
     (out / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
-    normal_modes(out)
 
 
 def hf_config(model: Any, tokenizer: Any) -> Any:
