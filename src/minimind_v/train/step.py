@@ -94,9 +94,20 @@ def train_step(model: nn.Module, micro_batches: list[Batch], optimizer: torch.op
         with sync:
             out = _forward(model, to_device(batch, device), precision)
             ce = out.loss - out.aux_loss  # mean CE over this micro-batch's n supervised tokens
-            loss = ce * (n * world) / total + out.aux_loss / k
-            (precision.scaler.scale(loss) if precision.scaler else loss).backward()
+            backward(ce * (n * world) / total + out.aux_loss / k, precision)
         ce_sum += ce.detach().float() * n
+    return ce_sum, apply_gradients(optimizer, precision, grad_clip)
+
+
+def backward(loss: torch.Tensor, precision: Precision) -> None:
+    """Gradients of `loss`, scaled first when fp16 needs a loss scaler."""
+    (precision.scaler.scale(loss) if precision.scaler else loss).backward()
+
+
+def apply_gradients(optimizer: torch.optim.Optimizer, precision: Precision, grad_clip: float) -> torch.Tensor:
+    """Clip the global gradient norm (0: no clipping), step and zero the gradients; returns the norm before
+    clipping, on the device. Every loop that trains (the trainer, bench, the tower's pretraining) ends its
+    step here."""
     if precision.scaler:
         precision.scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -107,7 +118,7 @@ def train_step(model: nn.Module, micro_batches: list[Batch], optimizer: torch.op
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return ce_sum, norm
+    return norm
 
 
 @torch.no_grad()
