@@ -11,6 +11,7 @@ made for the refactor of train/.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -27,7 +28,8 @@ def curve(out: Path, steps: int) -> dict:
     torch.set_num_threads = lambda n: None  # the quickstart's thread choice would make the run machine-dependent
     recipe = dataclasses.replace(Recipe(), steps=steps, qa_samples=1500, tower_samples=600, tower_steps=60,
                                  test_samples=16, curve_samples=8)
-    assert main(QuickstartOptions(out=str(out), seed=0, minutes=600.0, recipe=recipe)) == 0
+    with contextlib.redirect_stdout(sys.stderr):  # the curve alone goes to stdout
+        assert main(QuickstartOptions(out=str(out), seed=0, minutes=600.0, recipe=recipe)) == 0
     summary = json.loads((out / "quickstart.json").read_text(encoding="utf-8"))
     records = read_metrics(out / "sft" / "metrics.jsonl")
     return {"tower_loss": summary["tower"]["loss"], "steps": steps,

@@ -52,47 +52,65 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.rstrip("_").replace("_", "-")
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per field of `cls`. Fields without a default are required."""
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, taken: set[str] | None = None) -> None:
+    """Add one flag per field of `cls`; a field marked `inline` adds its own dataclass's flags instead.
+    Fields without a default are required. A flag name claimed twice is a declaration error."""
+    taken = set() if taken is None else taken
     hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         if not f.init or f.metadata.get("cli") is False:
             continue
-        tp = _unwrap_optional(hints[f.name])
-        kwargs: dict[str, Any] = {"dest": f.name, "help": docs.get(f.name, "")}
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if required:
-            kwargs["required"] = True
+        if f.metadata.get("inline"):
+            add_dataclass_args(parser, hints[f.name], taken)
+            continue
+        if f.name in taken:
+            raise ValueError(f"{cls.__name__}.{f.name}: the flag {flag_name(f.name)} is declared twice")
+        taken.add(f.name)
+        parser.add_argument(flag_name(f.name), *f.metadata.get("aliases", ()), **_flag_kwargs(cls, f, hints))
+        for shortcut, (value, text) in f.metadata.get("shortcuts", {}).items():
+            parser.add_argument(flag_name(shortcut), dest=f.name, action="store_const", const=value,
+                                help=f"{text} (the same as {flag_name(f.name)} {value})")
+
+
+def _flag_kwargs(cls: type, f: dataclasses.Field, hints: dict[str, Any]) -> dict[str, Any]:
+    tp = _unwrap_optional(hints[f.name])
+    # argparse formats help with %: a literal one ("2% of all steps") must be doubled
+    kwargs: dict[str, Any] = {"dest": f.name, "help": field_docs(cls).get(f.name, "").replace("%", "%%")}
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        kwargs["required"] = True
+    else:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs["default"] = default
+        if default not in (None, [], "") and not isinstance(default, bool):
+            kwargs["help"] += f" (default: {default})"
+    origin = get_origin(tp)
+    if tp is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif origin is list:
+        (item,) = get_args(tp)
+        kwargs["type"] = item
+        if f.metadata.get("nargs"):
+            kwargs["nargs"] = f.metadata["nargs"]
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            kwargs["default"] = default
-            if default not in (None, [], "") and not isinstance(default, bool):
-                kwargs["help"] += f" (default: {default})"
-        origin = get_origin(tp)
-        if tp is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif origin is list:
-            (item,) = get_args(tp)
-            kwargs["type"] = item
-            if f.metadata.get("nargs"):
-                kwargs["nargs"] = f.metadata["nargs"]
-            else:
-                kwargs["action"] = "append"
-                kwargs["default"] = None
-        elif origin is Literal:
-            kwargs["choices"] = list(get_args(tp))
-            kwargs["type"] = type(get_args(tp)[0])
-        else:
-            kwargs["type"] = tp
-        if f.metadata.get("metavar"):
-            kwargs["metavar"] = f.metadata["metavar"]
-        parser.add_argument(flag_name(f.name), *f.metadata.get("aliases", ()), **kwargs)
+            kwargs["action"] = "append"
+            kwargs["default"] = None
+    elif origin is Literal:
+        kwargs["choices"] = list(get_args(tp))
+        kwargs["type"] = type(get_args(tp)[0])
+    else:
+        kwargs["type"] = tp
+    if f.metadata.get("metavar"):
+        kwargs["metavar"] = f.metadata["metavar"]
+    return kwargs
 
 
 def dataclass_from_args(cls: type, ns: argparse.Namespace) -> Any:
+    hints = typing.get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
+        if f.metadata.get("inline"):
+            values[f.name] = dataclass_from_args(hints[f.name], ns)
+            continue
         if not f.init or not hasattr(ns, f.name):
             continue
         value = getattr(ns, f.name)

@@ -27,6 +27,7 @@ lower score, instead of overrunning.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -172,6 +173,13 @@ def train_world_tokenizer(corpus: list[Path], vocab_size: int, out: Path) -> Any
     return tokenizer
 
 
+def world_model(cfg: Any, recipe: Recipe) -> Any:
+    """The tiny preset as the recipe trains it: fewer layers, q/k norm, the tower frozen, images first."""
+    lm = dataclasses.replace(cfg.lm, num_hidden_layers=recipe.layers, qk_norm=recipe.qk_norm)
+    return dataclasses.replace(cfg, lm=lm, vision=dataclasses.replace(cfg.vision, freeze=True),
+                               images_first=recipe.images_first)
+
+
 def pretrain_world_tower(data: Path, cfg: Any, recipe: Recipe, out: Path, seed: int) -> dict[str, Any]:
     """The tiny preset's tower from scratch, taught what each grid cell holds (train/tower.py) in the first
     recipe.tower_samples scenes of `data`, saved to OUT/vision."""
@@ -287,28 +295,28 @@ class TrainingRun:
     """Tokens trained on (padding included), from the trainer's metrics."""
 
 
-def train_world(data: Path, n_samples: int, run_dir: Path, tokenizer_dir: Path, vision: Path, steps: int,
+def train_world(data: Path, n_samples: int, run_dir: Path, model_cfg: Any, start: Any, steps: int,
                 train_seconds: float, recipe: Recipe, seed: int) -> TrainingRun:
-    """The real trainer's SFT stage (`minimind-v train --stage sft --from none`): the language model and the
-    projector learn from nothing, the pretrained tower `vision` stays frozen.
+    """The real trainer's SFT stage from `start` (`minimind-v train --stage sft --from none`): the language model
+    and the projector learn from nothing, the pretrained tower stays frozen.
 
     `steps` is the plan; `train_seconds` caps the training loop in case the machine turns out slower than planned.
     """
-    from minimind_v.train.loop import TrainOptions
-    from minimind_v.train.loop import main as train_main
+    from minimind_v.train import distributed
+    from minimind_v.train.config import TrainConfig, for_stage
+    from minimind_v.train.loop import train
     from minimind_v.train.metrics import read_metrics
+    from minimind_v.train.settings import RunSettings
 
-    overrides = [f"warmup_steps={max(1, min(50, steps // 10))}", f"model.lm.num_hidden_layers={recipe.layers}",
-                 f"model.lm.qk_norm={str(recipe.qk_norm).lower()}", "model.vision.freeze=true",
-                 f"model.images_first={str(recipe.images_first).lower()}"]
-    opts = TrainOptions(stage="sft", data=str(data), out=str(run_dir), from_="none", preset="tiny",
-                        tokenizer=str(tokenizer_dir), vision=str(vision), batch_size=recipe.batch_size, lr=recipe.lr,
-                        max_seq_len=512, epochs=math.ceil(steps * recipe.batch_size / n_samples) + 1, max_steps=steps,
-                        max_minutes=max(train_seconds, 1.0) / 60, seed=seed, freeze="llm", group_by_length=True,
-                        save_every=max(1, math.ceil(steps / recipe.checkpoints)),
-                        keep_checkpoints=recipe.checkpoints + 1, log_every=10, device=recipe.device, set_=overrides)
+    cfg = for_stage(TrainConfig(
+        stage="sft", lr=recipe.lr, batch_size=recipe.batch_size, max_seq_len=512,
+        epochs=math.ceil(steps * recipe.batch_size / n_samples) + 1, freeze="llm", max_steps=steps,
+        max_minutes=max(train_seconds, 1.0) / 60, seed=seed, warmup_steps=max(1, min(50, steps // 10)),
+        batching="grouped", model=model_cfg))
+    settings = RunSettings(data=str(data), out=str(run_dir), save_every=max(1, math.ceil(steps / recipe.checkpoints)),
+                           keep_checkpoints=recipe.checkpoints + 1, log_every=10, device=recipe.device)
     began = time.perf_counter()
-    train_main(opts)
+    train(cfg, start, settings, distributed.setup(recipe.device))
     wall = time.perf_counter() - began
     last = read_metrics(run_dir / "metrics.jsonl")[-1]
     return TrainingRun("sft", last["step"], round(wall, 2), float(last["elapsed"]), int(last["tokens"]))
@@ -440,10 +448,11 @@ def _run(opts: QuickstartOptions) -> int:
         data = write_world(out, opts.seed, recipe, opts.scale)
     with clock.phase("tokenizer"):
         tokenizer = train_world_tokenizer([data["qa"]], recipe.vocab_size, out / "tokenizer")
-    cfg = resolve_start("none", "tiny", str(out / "tokenizer"), None).cfg
-    cfg.lm.num_hidden_layers, cfg.lm.qk_norm, cfg.images_first = recipe.layers, recipe.qk_norm, recipe.images_first
     with clock.phase("vision tower"):
-        tower = pretrain_world_tower(data["qa"], cfg, recipe, out, opts.seed)
+        fresh = resolve_start("none", "tiny", str(out / "tokenizer"), None).cfg
+        tower = pretrain_world_tower(data["qa"], fresh, recipe, out, opts.seed)
+    start = resolve_start("none", "tiny", str(out / "tokenizer"), str(out / "vision"))
+    cfg = world_model(start.cfg, recipe)
     with clock.phase("planning"):
         shape = sample_shape(data["qa"], tokenizer, cfg)
         samples = sum(1 for _ in open(data["qa"], encoding="utf-8"))
@@ -455,8 +464,8 @@ def _run(opts: QuickstartOptions) -> int:
     setup_s = 3 + shape.setup_s * samples
     steps = recipe.steps or steps_for(clock.left() - reserve, step_s / PLAN_SPEED, setup_s)
     with clock.phase("training: questions and answers"):
-        run = train_world(data["qa"], samples, out / "sft", out / "tokenizer", out / "vision", steps,
-                          clock.left() - reserve - setup_s, recipe, opts.seed)
+        run = train_world(data["qa"], samples, out / "sft", cfg, start, steps, clock.left() - reserve - setup_s,
+                          recipe, opts.seed)
     shutil.copytree(out / "sft" / "model", out / "model")
     embed_tower(out / "model")  # the tower is tiny: OUT/model works wherever it is copied
     with clock.phase("evaluation"):

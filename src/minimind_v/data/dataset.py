@@ -53,7 +53,7 @@ class BadSampleTracker:
     reason and the first example.
     """
 
-    def __init__(self, total: int, max_bad_fraction: float = 0.01, keep_examples: int = 5) -> None:
+    def __init__(self, total: int, max_bad_fraction: float, keep_examples: int = 5) -> None:
         self.total, self.max_bad_fraction, self.keep_examples = total, max_bad_fraction, keep_examples
         self.reasons: Counter[str] = Counter()
         self.examples: list[str] = []
@@ -219,7 +219,7 @@ class VLMDataset(torch.utils.data.Dataset):
         except BadSample:
             return []
 
-    def tracker(self, max_bad_fraction: float = 0.01) -> BadSampleTracker:
+    def tracker(self, max_bad_fraction: float) -> BadSampleTracker:
         """A tracker holding the up-front pass's findings; raises at once when the file is already too broken."""
         tracker = BadSampleTracker(len(self) + len(self.bad_upfront), max_bad_fraction)
         tracker.add(self.bad_upfront)

@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minimind_v.errors import UserError
+from minimind_v.errors import UserError, preview
 from minimind_v.fileio import replace_dir
 
 _NAME = re.compile(r"^step-(\d+)$")
@@ -108,19 +109,31 @@ def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "state.json").read_text())
 
 
-def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-         scaler: torch.amp.GradScaler | None) -> list[dict[str, Any]]:
-    """Restore weights, optimizer and scaler from `path`; returns the per-process RNG states."""
+def load_trainable(path: Path, model: nn.Module, names: set[str] | None = None) -> None:
+    """Copy checkpoint `path`'s trained weights into `model`; they must be exactly `names` (default: the
+    parameters of `model` that require grad), so a checkpoint of another run never half-loads."""
     tensors = load_file(str(path / "trainable.safetensors"))
-    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    expected = names if names is not None else {name for name, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != expected:
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise UserError(f"{path}: trainable weights differ from this run's (freezing policy changed?); "
-                        f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+                        f"missing [{preview(missing)}], unexpected [{preview(unexpected)}]")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
+
+
+def trained_names(path: Path) -> set[str]:
+    """The names of the weights checkpoint `path` holds."""
+    with safe_open(str(path / "trainable.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+         scaler: torch.amp.GradScaler | None) -> list[dict[str, Any]]:
+    """Restore weights, optimizer and scaler from `path`; returns the per-process RNG states."""
+    load_trainable(path, model)
     opt = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(opt["optimizer"])
     if scaler is not None and opt["scaler"] is not None:

@@ -1,8 +1,9 @@
-"""The training config: every knob that decides a run's result, one typed field each (`--set key=value`).
+"""The training config: every knob that decides a run's result, one typed field each.
 
-Flags fill it from the stage's defaults; `--set` reaches every field, the model's included
-(`--set model.lm.hidden_size=256 --set warmup_steps=50`). It is stored in each checkpoint, and a
-resumed run must agree with it, except for the fields in RESUMABLE_CHANGES.
+`minimind-v train`'s flags are these fields (options.py derives them); `--set key=value` reaches
+every field, the model's included (`--set model.lm.hidden_size=256 --set warmup_steps=50`). A field
+left unset (None) takes the stage's default (train/stages.py) in `for_stage`. The resolved config
+is stored in each checkpoint, and a resumed run must agree with it, except in RESUMABLE_CHANGES.
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from minimind_v.errors import UserError
 from minimind_v.model.config import VLMConfig
+from minimind_v.options import flag_name
+from minimind_v.train.freezing import Policy
+from minimind_v.train.stages import get_stage
 
 RESUMABLE_CHANGES = frozenset({"max_steps", "epochs", "max_bad_fraction", "accumulation_steps", "dtype"})
 """Fields a resumed run may change (train longer, tolerate more, another memory trade-off); the rest would
@@ -21,25 +26,29 @@ make it a different run. The batch size stays: the data position counts batches 
 @dataclass
 class TrainConfig:
     stage: Literal["lm", "pretrain", "sft"]
-    """lm: text only; pretrain: captions, projector; sft: conversations, LLM + projector."""
-    lr: float
-    """Peak learning rate."""
-    batch_size: int
-    """Samples per micro-batch per process."""
-    max_seq_len: int
-    """Longest sample in tokens (longer ones lose trailing turns or are skipped)."""
-    epochs: int
-    """Passes over the training data."""
-    freeze: Literal["projector", "projector+ends", "llm", "all"]
-    """What learns: projector | projector+ends (+ first and last LLM blocks) | llm (+ projector) | all (+ vision)."""
+    """lm: the language model on text, from nothing; pretrain: captions, projector only; sft: conversations, LLM + projector."""
+    lr: float | None = None
+    """Peak learning rate (default: the stage's)."""
+    batch_size: int | None = None
+    """Samples per micro-batch per process (default: the stage's)."""
+    max_seq_len: int | None = None
+    """Longest sample in tokens; longer ones lose trailing turns or are skipped (default: the stage's)."""
+    epochs: int | None = None
+    """Passes over the data (default: the stage's)."""
+    freeze: Policy | None = None
+    """What learns (default: the stage's): projector | projector+ends (+ first and last LLM blocks) | llm
+    (+ projector) | all (+ vision tower); train/freezing.py applies them."""
     accumulation_steps: int = 1
-    """Micro-batches per optimizer step (each process)."""
+    """Micro-batches per optimizer step; the loss is normalised over all their supervised tokens."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (the schedule then spans exactly these)."""
+    max_minutes: float | None = None
+    """Stop (saving the model) once the training loop has run this long; a run that would not finish its steps in
+    time decays its learning rate on the clock instead, so it still ends at the schedule's floor."""
     seed: int = 42
-    """Seeds the initialisation, the data order of every epoch and dropout."""
+    """Seeds initialisation, data order and dropout; the same seed gives the same run."""
     warmup_steps: int | None = None
-    """Linear warmup to the peak; None: 2% of all steps."""
+    """Linear warmup to the peak (default: 2% of all steps)."""
     min_lr_ratio: float = 0.1
     """The cosine schedule ends at lr * min_lr_ratio."""
     weight_decay: float = 0.1
@@ -52,17 +61,59 @@ class TrainConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
-    batching: Literal["random", "grouped", "packed"] = "random"
+    batching: Literal["random", "grouped", "packed"] = field(default="random", metadata={"shortcuts": {
+        "packing": ("packed", "Pack several samples into each row of max_seq_len tokens (no padding)"),
+        "group_by_length": ("grouped", "Batch samples of similar length together (less padding)")}})
     """random: shuffled; grouped: similar lengths per batch (less padding); packed: samples packed into rows."""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 elsewhere; fp16 uses a gradient scaler."""
     max_bad_fraction: float = 0.01
-    """Share of unusable samples above which the run stops with exit 2."""
-    model: VLMConfig = field(default_factory=VLMConfig)
-    """The model (from the preset, or from --from)."""
+    """Share of unusable samples (broken image, malformed record, too long) above which the run stops, exit 2."""
+    feature_cache: bool | None = None
+    """Encode each image once with the frozen tower and train on the stored (fp16) features (default: on when
+    the tower is frozen)."""
+    model: VLMConfig = field(default_factory=VLMConfig, metadata={"cli": False})
+    """The model (from the preset, or from --from; --set model.KEY=VALUE changes it)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def tower_learns(self) -> bool:
+        """The vision tower gets gradients (and so cannot be cached)."""
+        return get_stage(self.stage).uses_images and (self.freeze == "all" or not self.model.vision.freeze)
+
+
+def for_stage(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with every unset field at the stage's default, checked; what a run trains with and records."""
+    stage = get_stage(cfg.stage)
+    defaults = {name: getattr(stage, name) for name in ("lr", "batch_size", "max_seq_len", "epochs", "freeze")}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    if cfg.freeze == "all" and cfg.model.vision.freeze:
+        # A tower that learns must travel with the model directory, not be referenced by hub id.
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, vision=dataclasses.replace(cfg.model.vision, freeze=False)))
+    if cfg.feature_cache is None:
+        cfg = dataclasses.replace(cfg, feature_cache=stage.uses_images and not cfg.tower_learns)
+    check(cfg)
+    return cfg
+
+
+def check(cfg: TrainConfig) -> None:
+    """One line naming the flag for a value no run can use."""
+    for name in ("batch_size", "max_seq_len", "epochs", "max_steps", "accumulation_steps"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise UserError(f"{flag_name(name)} {value}: must be at least 1")
+    if cfg.max_minutes is not None and cfg.max_minutes <= 0:
+        raise UserError(f"--max-minutes {cfg.max_minutes}: must be positive")
+    if cfg.lr is not None and cfg.lr < 0:
+        raise UserError(f"--lr {cfg.lr}: must not be negative")
+    if not 0 <= cfg.max_bad_fraction <= 1:
+        raise UserError(f"--max-bad-fraction {cfg.max_bad_fraction}: must be between 0 and 1")
+    if cfg.feature_cache and cfg.tower_learns:
+        raise UserError(f"--feature-cache: the tower learns under --freeze {cfg.freeze}, so its features "
+                        "cannot be stored once")
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:

@@ -6,11 +6,14 @@ Freezing is requires_grad=False, and only parameters that still require grad rea
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from torch import nn
 
-POLICIES = ("projector", "projector+ends", "llm", "all")
+Policy = Literal["projector", "projector+ends", "llm", "all"]
 """projector: the projector alone; projector+ends: also the first and last LLM blocks;
 llm: the whole LLM and the projector; all: also the vision tower."""
+POLICIES: tuple[str, ...] = get_args(Policy)
 
 # The tower's features are its last hidden state: the final layer norm and SigLIP's pooling head
 # never see a gradient, and a trainable weight without one breaks DDP and wastes optimizer state.

@@ -3,166 +3,312 @@
 A stage (lm, pretrain, sft) is a config (train/stages.py), not a script. Single process:
 `minimind-v train --stage sft --data sft.jsonl --from runs/pretrain/model --out runs/sft`.
 Several GPUs or CPU processes: `torchrun --nproc-per-node 8 -m minimind_v.cli train ...` (same flags).
+
+`main` checks the command and resolves its config (train/config.py) and start (train/build.py);
+`train` sets the run up (train/run.py) and drives `Loop` over the epochs: one `train_step`
+(train/step.py) per optimizer step, a log line every --log-every steps, checkpoints, OUT/model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass, field
+import shutil
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
+
+import torch
+from tqdm import tqdm
 
 from minimind_v.data.formats import data_file
-from minimind_v.errors import UserError
+from minimind_v.errors import UserError, preview
+from minimind_v.fileio import replace_dir
 from minimind_v.options import apply_overrides
-from minimind_v.train import build, checkpoint, distributed
-from minimind_v.train.config import TrainConfig, resume_conflicts
-from minimind_v.train.metrics import require_tracker
-from minimind_v.train.session import Session
+from minimind_v.train import build, checkpoint, distributed, optim
+from minimind_v.train.config import TrainConfig, check, for_stage, resume_conflicts, warmup_steps
+from minimind_v.train.distributed import DistInfo
+from minimind_v.train.metrics import MetricsLog, RunLog, Tracker, plot_loss, require_tracker
+from minimind_v.train.run import Run, set_up
+from minimind_v.train.sampler import Slicing
+from minimind_v.train.settings import RunSettings, TrainOptions
 from minimind_v.train.stages import get_stage
+from minimind_v.train.state import LoopState, Window
+from minimind_v.train.step import Batch, input_tokens, supervised_tokens, train_step, validation_sums
+
+__all__ = ["TrainOptions", "main", "train"]
+
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "segment_ids", "position_ids", "pixel_values",
+                "image_features")
 
 
-@dataclass
-class TrainOptions:
-    stage: Literal["lm", "pretrain", "sft"]
-    """lm: the language model on text, from nothing; pretrain: captions, projector only; sft: conversations, LLM + projector."""
-    data: str
-    """Training data: MiniMind-V or LLaVA jsonl/json, parquet, or {"text": ...} lines for the lm stage."""
-    out: str
-    """Run directory: checkpoints/, metrics.jsonl, train.log, loss.png, and the trained model in OUT/model."""
-    images: str | None = None
-    """Image folder of --data (default: images/ beside the data file, else its folder)."""
-    from_: str | None = field(default=None, metadata={"metavar": "DIR|FILE.pth|none"})
-    """Start from a model directory, an original .pth, or none (random; the lm stage's default)."""
-    preset: str = "minimind2-small-v"
-    """Model shapes for --from none or an original .pth: minimind2-small-v (the original's 26M), minimind2-v
-    (104M), minimind2-small-v-moe, tiny (the quickstart's); presets.py holds them."""
-    tokenizer: str | None = None
-    """Tokenizer directory (required for --from none and .pth; default: the --from model directory's)."""
-    vision: str | None = None
-    """Vision tower directory or hub id, replacing the one the preset or model names."""
-    batch_size: int | None = None
-    """Samples per micro-batch per process (default: the stage's)."""
-    lr: float | None = None
-    """Peak learning rate (default: the stage's)."""
-    max_seq_len: int | None = None
-    """Longest sample in tokens (default: the stage's)."""
-    accumulation_steps: int = 1
-    """Micro-batches per optimizer step; the loss is normalised over all their supervised tokens."""
-    epochs: int | None = None
-    """Passes over the data (default: the stage's)."""
-    max_steps: int | None = None
-    """Stop after this many optimizer steps."""
-    max_minutes: float | None = None
-    """Stop (saving the model) once the training loop has run this long; a run that would not finish its steps in
-    time decays its learning rate on the clock instead, so it still ends at the schedule's floor."""
-    seed: int = 42
-    """Seeds initialisation, data order and dropout; the same seed gives the same run."""
-    freeze: Literal["projector", "projector+ends", "llm", "all"] | None = None
-    """What learns (default: the stage's): projector | projector+ends | llm (+ projector) | all (+ vision tower)."""
-    packing: bool = False
-    """Pack several samples into each row of max_seq_len tokens (no padding)."""
-    group_by_length: bool = False
-    """Batch samples of similar length together (less padding, same samples per epoch)."""
-    val_data: str | None = None
-    """Held-out data for a validation loss (same format; its images from --images)."""
-    eval_every: int = 0
-    """Validation every N steps (0: only at the end); needs --val-data."""
-    save_every: int = 500
-    """Checkpoint every N optimizer steps (0: only at the end)."""
-    keep_checkpoints: int = 2
-    """Newest checkpoints kept in OUT/checkpoints."""
-    resume: bool = False
-    """Continue the run in OUT from its newest checkpoint (any number of processes)."""
-    max_bad_fraction: float = 0.01
-    """Share of unusable samples (broken image, malformed record, too long) above which the run stops, exit 2."""
-    log_every: int = 10
-    """Log loss, lr and throughput every N steps."""
-    log_to: list[str] = field(default_factory=list, metadata={"metavar": "tensorboard|wandb|swanlab"})
-    """Also log to tensorboard, wandb or swanlab (repeatable)."""
-    device: str = "auto"
-    """auto (cuda if available), cpu, cuda, cuda:N, mps."""
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 autocast on CUDA, fp32 elsewhere."""
-    compile: bool = False
-    """torch.compile the model (CUDA; the first steps are slow while it compiles)."""
-    num_workers: int | None = None
-    """DataLoader worker processes (default: 4 on CUDA, 0 on CPU)."""
-    feature_cache: bool | None = None
-    """Encode each image once with the frozen tower and reuse the features (default: on when the tower is frozen)."""
-    feature_cache_dir: str | None = None
-    """Where cached features live (default: OUT/feature_cache); share it between stages to encode once."""
-    set_: list[str] = field(default_factory=list, metadata={"metavar": "KEY=VALUE"})
-    """key=value for any training or model setting, e.g. warmup_steps=50, model.lm.dropout=0.1 (repeatable)."""
+def model_inputs(batch: dict[str, Any]) -> Batch:
+    return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
 
 
 def main(opts: TrainOptions) -> int:
-    _check_options(opts)
-    info = distributed.setup(opts.device)
+    check(opts.config)
+    check_inputs(opts.run)
+    info = distributed.setup(opts.run.device)
     try:
-        Session(opts, info, *prepare(opts)).run()
+        cfg, start, resume_from = prepare(opts.config, opts.run)
+        train(cfg, start, opts.run, info, resume_from)
     finally:
         distributed.teardown()
     return 0
 
 
-def _check_options(opts: TrainOptions) -> None:
-    if opts.max_minutes is not None and opts.max_minutes <= 0:
-        raise UserError(f"--max-minutes {opts.max_minutes}: must be positive")
-    for name in ("batch_size", "max_seq_len", "epochs", "max_steps"):
-        value = getattr(opts, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} {value}: must be at least 1")
-    if opts.accumulation_steps < 1:
-        raise UserError(f"--accumulation-steps {opts.accumulation_steps}: must be at least 1")
-    if not 0 <= opts.max_bad_fraction <= 1:
-        raise UserError(f"--max-bad-fraction {opts.max_bad_fraction}: must be between 0 and 1")
-    for kind in opts.log_to:
+def check_inputs(settings: RunSettings) -> None:
+    """The inputs exist before anything is built or written: a mistyped path costs nothing."""
+    for kind in settings.log_to:
         require_tracker(kind)
-    if opts.eval_every and not opts.val_data:
+    if settings.eval_every and not settings.val_data:
         raise UserError("--eval-every needs --val-data")
-    # The inputs exist before anything is built or written: a mistyped path costs nothing.
-    data_file(opts.data)
-    if opts.val_data:
-        data_file(opts.val_data, "--val-data")
-    if opts.images is not None and not Path(opts.images).is_dir():
-        raise UserError(f"--images {opts.images}: no such folder")
+    data_file(settings.data)
+    if settings.val_data:
+        data_file(settings.val_data, "--val-data")
+    if settings.images is not None and not Path(settings.images).is_dir():
+        raise UserError(f"--images {settings.images}: no such folder")
 
 
-def train_config(opts: TrainOptions, model_cfg: Any) -> TrainConfig:
-    """Flags over the stage's defaults, then --set over everything."""
-    stage = get_stage(opts.stage)
-    batching = "packed" if opts.packing else "grouped" if opts.group_by_length else "random"
-    cfg = TrainConfig(
-        stage=opts.stage, lr=opts.lr or stage.lr, batch_size=opts.batch_size or stage.batch_size,
-        max_seq_len=opts.max_seq_len or stage.max_seq_len, epochs=opts.epochs or stage.epochs,
-        freeze=opts.freeze or stage.freeze, accumulation_steps=opts.accumulation_steps, max_steps=opts.max_steps,
-        seed=opts.seed, batching=batching, dtype=opts.dtype, max_bad_fraction=opts.max_bad_fraction,
-        model=model_cfg)
-    cfg = apply_overrides(cfg, opts.set_)
-    if cfg.freeze == "all" and cfg.model.vision.freeze:
-        # A tower that learns must travel with the model directory, not be referenced by hub id.
-        cfg = apply_overrides(cfg, ["model.vision.freeze=false"])
-    return cfg
-
-
-def prepare(opts: TrainOptions) -> tuple[TrainConfig, build.Start, Path | None]:
-    """The run's config and starting point; on --resume also the checkpoint, checked against the config."""
-    stage = get_stage(opts.stage)
-    from_ = opts.from_ or ("none" if not stage.needs_from else None)
+def prepare(config: TrainConfig, settings: RunSettings) -> tuple[TrainConfig, build.Start, Path | None]:
+    """The run's resolved config and starting point; on --resume also the checkpoint, checked against the config."""
+    stage = get_stage(config.stage)
+    from_ = settings.from_ or ("none" if not stage.needs_from else None)
     if from_ is None:
-        raise UserError(f"--stage {opts.stage} starts from a trained model: give --from DIR (or a .pth, or none)")
-    start = build.resolve_start(from_, opts.preset, opts.tokenizer, opts.vision)
-    cfg = train_config(opts, start.cfg)
-    resume_from = None
-    if opts.resume:
-        resume_from = checkpoint.latest(Path(opts.out))
+        raise UserError(f"--stage {config.stage} starts from a trained model: give --from DIR (or a .pth, or none)")
+    start = build.resolve_start(from_, settings.preset, settings.tokenizer, settings.vision)
+    cfg = for_stage(apply_overrides(dataclasses.replace(config, model=start.cfg), settings.set_))
+    out = Path(settings.out)
+    resume_from = checkpoint.latest(out)
+    if settings.resume:
         if resume_from is None:
-            raise UserError(f"--resume: no checkpoint in {Path(opts.out) / 'checkpoints'}")
+            raise UserError(f"--resume: no checkpoint in {checkpoint.checkpoint_root(out)}")
         saved = checkpoint.read_state(resume_from)["config"]
         conflicts = resume_conflicts(saved, json.loads(json.dumps(cfg.to_dict())))
         if conflicts:
-            raise UserError(f"--resume: this command differs from the run in {opts.out}: {'; '.join(conflicts[:4])}")
-    elif checkpoint.latest(Path(opts.out)) is not None:
-        raise UserError(f"--out {opts.out}: already holds a run; add --resume to continue it, or pick a new --out")
+            raise UserError(f"--resume: this command differs from the run in {out}: {preview(conflicts, sep='; ')}")
+    elif resume_from is not None:
+        raise UserError(f"--out {out}: already holds a run; add --resume to continue it, or pick a new --out")
     return cfg, start, resume_from
+
+
+def train(cfg: TrainConfig, start: build.Start, settings: RunSettings, info: DistInfo,
+          resume_from: Path | None = None) -> None:
+    """One run from `start` (or `resume_from`) to OUT/model; `cfg` as `for_stage` resolved it."""
+    out = Path(settings.out)
+    log = None
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        log = RunLog(out, echo=sys.stderr)
+    say = log.line if log is not None else (lambda text: None)
+    distributed.barrier()
+    loop = None
+    try:
+        say(f"command: minimind-v {' '.join(sys.argv[1:])}")
+        say(f"config: {json.dumps(cfg.to_dict())}")
+        run, state = set_up(cfg, start, settings, info, resume_from, say)
+        loop = Loop(run, state, say)
+        loop.epochs()
+        finish(run, loop.state.step, loop.elapsed(), say)
+    finally:
+        if loop is not None:
+            loop.close()
+        if log is not None:
+            log.close()
+
+
+@dataclass
+class Schedule:
+    """How many steps the run takes and where its learning rate stands on them (and on the clock)."""
+
+    total_steps: int
+    warmup: int
+    first_step: int
+    """The step this process began at (0, or the checkpoint's)."""
+    began: float
+    """perf_counter() when this process's loop began."""
+    clock_used: float = 0.0
+    """Share of --max-minutes used (0 without a limit)."""
+
+    def lr(self, step: int, cfg: TrainConfig) -> float:
+        # Under --max-minutes a run that would reach its time cap before its last step decays on the clock
+        # (the steps left shrunk in proportion to the time left), so it still ends at the floor instead of
+        # being cut off at a high learning rate; a run on schedule is unaffected.
+        at = optim.schedule_step(step, self.first_step, self.total_steps, self.clock_used)
+        return optim.lr_at(at, cfg.lr, self.warmup, self.total_steps, cfg.min_lr_ratio)
+
+
+def plan_steps(run: Run, state: LoopState) -> int:
+    """Optimizer steps from the state to the end of the last epoch (or --max-steps)."""
+    slicing = Slicing(run.info.world_size, run.cfg.accumulation_steps)
+    plan = run.data.plan
+    left = sum(slicing.steps_left(len(plan.batches(e)), state.position if e == state.epoch else 0)
+               for e in range(state.epoch, run.cfg.epochs))
+    total = state.step + left
+    return total if run.cfg.max_steps is None else min(total, run.cfg.max_steps)
+
+
+class Loop:
+    """The epochs of one run: steps, log lines, validation and checkpoints, on every process alike."""
+
+    def __init__(self, run: Run, state: LoopState, say: Any) -> None:
+        cfg, info = run.cfg, run.info
+        self.run, self.state, self.say = run, state, say
+        total = plan_steps(run, state)
+        if total == 0:
+            raise UserError(f"--data {run.settings.data}: {len(run.data.dataset)} samples fill no optimizer step of "
+                            f"{info.world_size * cfg.accumulation_steps} batches of {cfg.batch_size}")
+        self.schedule = Schedule(total, warmup_steps(cfg, total), state.step, time.perf_counter())
+        say(f"steps: {state.step} done, {total} in all; warmup {self.schedule.warmup}; "
+            f"{cfg.batch_size} x {info.world_size} x {cfg.accumulation_steps} samples per step")
+        self.metrics = None
+        if info.is_main:
+            trackers = [Tracker(kind, run.out, cfg.to_dict()) for kind in run.settings.log_to]
+            self.metrics = MetricsLog(run.out, trackers, resume_step=state.step)
+        self.bar = tqdm(total=total, initial=state.step, disable=not info.is_main, unit="step",
+                        dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+        self.window = Window(run.device)
+        self.pending_bad: list[Any] = []
+        self.lr, self.grad_norm = 0.0, torch.zeros(())
+
+    def epochs(self) -> None:
+        first_epoch, first_position = self.state.epoch, self.state.position
+        for epoch in range(first_epoch, self.run.cfg.epochs):
+            if self.state.step >= self.schedule.total_steps:
+                break
+            self.one_epoch(epoch, first_position if epoch == first_epoch else 0)
+        self.bar.close()
+
+    def one_epoch(self, epoch: int, position: int) -> None:
+        run = self.run
+        batches = run.data.plan.batches(epoch)
+        slicing = Slicing(run.info.world_size, run.cfg.accumulation_steps)
+        schedule = list(slicing.steps(len(batches), position, run.info.rank))
+        schedule = schedule[:self.schedule.total_steps - self.state.step]
+        micro = iter(run.loader(run.data.dataset, [batches[i] for _, indices in schedule for i in indices]))
+        samples_before = [0]
+        for batch in batches:
+            samples_before.append(samples_before[-1] + len(batch))
+        for position_after, indices in schedule:
+            if self.state.step >= self.schedule.total_steps:
+                break  # --max-minutes ended the run early
+            self.one_step([next(micro) for _ in indices])
+            self.state.epoch, self.state.position = epoch, position_after
+            self.state.samples = samples_before[position_after]
+            self.after_step()
+
+    def one_step(self, micro: list[dict[str, Any]]) -> None:
+        run = self.run
+        for batch in micro:
+            self.pending_bad += batch["bad"]
+        micro = [b for b in micro if b["input_ids"] is not None]
+        if not micro and run.info.enabled:
+            raise UserError(f"--data {run.settings.data}: every sample of a micro-batch was unusable "
+                            f"({self.pending_bad[-1]}); fix the data or raise --batch-size")
+        lr = self.schedule.lr(self.state.step, run.cfg)
+        if micro:
+            optim.set_lr(run.optimizer, lr)
+            inputs = [model_inputs(b) for b in micro]
+            ce_sum, self.grad_norm = train_step(run.train_model, inputs, run.optimizer, run.precision,
+                                                run.cfg.grad_clip, run.device)
+            self.window.add(ce_sum, sum(supervised_tokens(b) for b in inputs), sum(input_tokens(b) for b in inputs))
+        self.lr = lr
+        self.state.step += 1
+        self.bar.update(1)
+
+    def after_step(self) -> None:
+        settings, step, schedule = self.run.settings, self.state.step, self.schedule
+        schedule.clock_used = self.clock()
+        if step < schedule.total_steps and schedule.clock_used >= 1.0:
+            schedule.total_steps = step
+        last = step >= schedule.total_steps
+        evaluate = self.run.data.val is not None and (last or (settings.eval_every and step % settings.eval_every == 0))
+        save = last or (settings.save_every and step % settings.save_every == 0)
+        if last or evaluate or save or step % settings.log_every == 0:
+            seconds = time.perf_counter() - self.window.began  # training time only, not validation
+            self.log(seconds, val_loss=validate(self.run) if evaluate else None)
+            if save:
+                self.save()
+            self.window.reset()
+
+    def clock(self) -> float:
+        """Share of --max-minutes used (0 without a limit); every process sees rank 0's clock."""
+        run = self.run
+        if run.cfg.max_minutes is None:
+            return 0.0
+        used = torch.tensor((time.perf_counter() - self.schedule.began) / (60 * run.cfg.max_minutes),
+                            device=run.device)
+        if run.info.enabled:
+            torch.distributed.broadcast(used, src=0)
+        return float(used)
+
+    def elapsed(self) -> float:
+        return self.state.elapsed + time.perf_counter() - self.schedule.began
+
+    def log(self, seconds: float, val_loss: float | None) -> None:
+        ce, supervised, tokens = self.window.totals()
+        self.check_bad_samples()
+        self.state.tokens += int(tokens)
+        record = {"step": self.state.step, "epoch": self.state.epoch, "loss": ce / max(supervised, 1),
+                  "lr": self.lr, "tokens": self.state.tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
+                  "elapsed": round(self.elapsed(), 3), "grad_norm": float(self.grad_norm)}
+        if val_loss is not None:
+            record["val_loss"] = val_loss
+        if self.metrics is not None:
+            self.metrics.log(record)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{self.lr:.2e}",
+                                 tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            if val_loss is not None:
+                self.say(f"step {self.state.step}: validation loss {val_loss:.4f}")
+
+    def check_bad_samples(self) -> None:
+        """Samples that broke during training (an image that will not decode), counted across processes."""
+        found = [bad for part in distributed.all_gather_objects(self.pending_bad) for bad in part]
+        self.pending_bad = []
+        tracker = self.run.data.bad
+        before = tracker.bad
+        tracker.add(found)
+        if tracker.bad > before:
+            self.say(f"bad samples so far: {tracker.counts_text()}")
+        tracker.check()
+
+    def save(self) -> None:
+        run = self.run
+        rng_states = distributed.all_gather_objects(checkpoint.rng_state())
+        if run.info.is_main:
+            saved = {**self.state.saved(), "elapsed": self.elapsed(), "world_size": run.info.world_size,
+                     "frozen_fingerprint": checkpoint.frozen_fingerprint(run.model), "config": run.cfg.to_dict()}
+            checkpoint.save(run.out, self.state.step, run.model, run.optimizer, run.precision.scaler, rng_states,
+                            saved, run.settings.keep_checkpoints)
+        distributed.barrier()
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            plot_loss(self.metrics.records, self.run.out / "loss.png",
+                      f"minimind-v {self.run.cfg.stage}: {self.run.out.name}")
+
+
+def validate(run: Run) -> float:
+    val = run.data.val
+    order = sorted(range(len(val)), key=lambda i: int(val.lengths[i]))  # little padding
+    size = run.cfg.batch_size
+    chunks = [order[i:i + size] for i in range(0, len(order), size)]
+    loader = run.loader(val, chunks[run.info.rank::run.info.world_size])
+    batches = (model_inputs(b) for b in loader if b["input_ids"] is not None)
+    ce, n = validation_sums(run.model, batches, run.precision, run.device)
+    return ce / max(n, 1)
+
+
+def finish(run: Run, steps: int, elapsed: float, say: Any) -> None:
+    """The trained model in OUT/model, swapped in whole."""
+    if run.info.is_main:
+        target, tmp = run.out / "model", run.out / ".tmp-model"
+        shutil.rmtree(tmp, ignore_errors=True)
+        run.model.save_pretrained(tmp, tokenizer=run.start.tokenizer)
+        replace_dir(tmp, target)
+        say(f"done: {steps} steps in {elapsed:.1f} s; model in {target}")
+    distributed.barrier()

@@ -1,0 +1,182 @@
+"""Setting a run up: the model with its starting weights and freezing, the data, the optimizer.
+
+`set_up` returns a `Run`, what the loop (train/loop.py) works with and never replaces, and the
+`LoopState` it starts from (a checkpoint's on --resume). The order
+of the steps is part of the contract: the initial weights, the data order and dropout all come
+from seeded generators, so the same config gives the same run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from minimind_v.data.batching import BatchPlan, Collator
+from minimind_v.data.dataset import BadSampleTracker, VLMDataset
+from minimind_v.errors import UserError
+from minimind_v.model.vlm import MiniMindVLM
+from minimind_v.train import build, checkpoint, distributed, features, freezing, optim
+from minimind_v.train.config import TrainConfig
+from minimind_v.train.distributed import DistInfo
+from minimind_v.train.settings import RunSettings
+from minimind_v.train.state import LoopState
+from minimind_v.train.stages import get_stage
+from minimind_v.train.step import Precision
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class Data:
+    """The training (and validation) samples, how they are batched and collated."""
+
+    dataset: VLMDataset
+    val: VLMDataset | None
+    bad: BadSampleTracker
+    collate: Callable[[list[Any]], dict[str, Any]]
+    plan: BatchPlan
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    settings: RunSettings
+    info: DistInfo
+    start: build.Start
+    model: MiniMindVLM
+    train_model: torch.nn.Module
+    """The model as the step calls it: compiled and/or wrapped in DDP."""
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+    data: Data
+
+    @property
+    def out(self) -> Path:
+        return Path(self.settings.out)
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    def loader(self, dataset: VLMDataset, batches: list[list[int]]) -> torch.utils.data.DataLoader:
+        workers = self.settings.num_workers
+        if workers is None:
+            workers = 4 if self.device.type == "cuda" else 0
+        # An own generator: DataLoader would otherwise draw its seed from the global RNG that dropout uses,
+        # and a resumed run (one loader fewer) would then drop out differently.
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=self.data.collate,
+                                           num_workers=workers, pin_memory=self.device.type == "cuda",
+                                           generator=torch.Generator().manual_seed(self.cfg.seed))
+
+
+def set_up(cfg: TrainConfig, start: build.Start, settings: RunSettings, info: DistInfo, resume_from: Path | None,
+           say: Say) -> tuple[Run, LoopState]:
+    """Build everything a run needs, and where its loop stands: at the start, or at `resume_from`'s step."""
+    build.seed_everything(cfg.seed)  # the same initial weights on every process
+    model, notes = build.build_model(start, cfg.model)
+    for note in notes:
+        say(f"--from {start.path}: {note}")
+    uses_images = get_stage(cfg.stage).uses_images
+    freezing.apply_policy(model, cfg.freeze, train_vision=not cfg.model.vision.freeze, uses_images=uses_images)
+    model = model.to(info.device)
+    total, trainable = freezing.count_parameters(model)
+    say(f"parameters: {total:,} total, {trainable:,} trainable (freeze={cfg.freeze}); "
+        f"{info.world_size} process(es) on {info.device}")
+    precision = Precision.choose(cfg.dtype, info.device)
+    data = open_data(cfg, start, settings, info, model, precision, say)
+    try:
+        optimizer = build_optimizer(model, cfg)
+    except ValueError as err:
+        raise UserError(f"--freeze {cfg.freeze}: {err}") from None
+    if resume_from is not None:
+        state = restore(resume_from, model, optimizer, precision, cfg, info, say)
+    else:
+        state = LoopState()
+        build.seed_everything(cfg.seed + info.rank)  # dropout differs across processes
+    train_model = wrap(model, cfg, settings, info)
+    return Run(cfg, settings, info, start, model, train_model, optimizer, precision, data), state
+
+
+def restore(path: Path, model: MiniMindVLM, optimizer: torch.optim.Optimizer, precision: Precision,
+            cfg: TrainConfig, info: DistInfo, say: Say) -> LoopState:
+    """Weights, optimizer, generators and the loop's state from checkpoint `path`."""
+    saved = checkpoint.read_state(path)
+    rng_states = checkpoint.load(path, model, optimizer, precision.scaler)
+    if checkpoint.frozen_fingerprint(model) != saved["frozen_fingerprint"]:
+        raise UserError(f"--resume: the frozen weights differ from those {path} was trained on (--from changed?)")
+    state = LoopState.from_saved(saved)
+    if info.rank < len(rng_states):
+        checkpoint.set_rng_state(rng_states[info.rank])
+    else:  # more processes than the run had: a fresh, still reproducible, dropout stream
+        build.seed_everything(cfg.seed + 1000 * state.step + info.rank)
+    say(f"resumed from {path}: step {state.step}, epoch {state.epoch}, batch {state.position} "
+        f"({state.samples} samples of that epoch consumed), saved by {len(rng_states)} process(es), "
+        f"now {info.world_size}")
+    return state
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """The config's AdamW over what trains: the one optimizer every training loop uses."""
+    return optim.build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps)
+
+
+def open_data(cfg: TrainConfig, start: build.Start, settings: RunSettings, info: DistInfo, model: MiniMindVLM,
+              precision: Precision, say: Say) -> Data:
+    uses_images = get_stage(cfg.stage).uses_images
+    preprocessor = build.image_preprocessor(start, cfg.model) if uses_images else None
+    cached = bool(cfg.feature_cache)
+
+    def read(path: str) -> VLMDataset:
+        return build.open_data(path, settings.images, start.tokenizer, cfg.model, preprocessor, cfg.max_seq_len,
+                               decode_images=not cached)
+
+    dataset = read(settings.data)
+    bad = dataset.tracker(cfg.max_bad_fraction)  # raises when the file is already too broken
+    summary = bad.summary()
+    say(f"data: {len(dataset)} usable samples of {summary['total']} in {settings.data}; "
+        f"bad: {summary['bad']} {summary['reasons']}; examples: {summary['examples']}")
+    val = read(settings.val_data) if settings.val_data else None
+    if val is not None:
+        say(f"validation: {len(val)} usable samples ({len(val.bad_upfront)} bad) in {settings.val_data}")
+    pack_len = cfg.max_seq_len if cfg.batching == "packed" else None
+    collate: Any = Collator(start.tokenizer.pad_token_id, pack_len)
+    if cached:
+        root = Path(settings.feature_cache_dir or Path(settings.out) / "feature_cache")
+        cache = feature_cache(model, preprocessor, root, [d for d in (dataset, val) if d is not None], info,
+                              precision, say)
+        collate = features.WithCachedFeatures(collate, cache)
+    plan = BatchPlan(dataset.lengths, cfg.batch_size, cfg.batching, cfg.max_seq_len, cfg.seed)
+    return Data(dataset, val, bad, collate, plan)
+
+
+def feature_cache(model: MiniMindVLM, preprocessor: Any, root: Path, datasets: list[VLMDataset], info: DistInfo,
+                  precision: Precision, say: Say) -> Any:
+    """The frozen tower's features of every image of `datasets`, encoded by rank 0 (the cache has one writer)."""
+    if info.is_main:
+        cache = features.open_cache(model, preprocessor, root)
+
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            with precision.autocast():
+                return model.encode_images(pixels.to(info.device))
+
+        features.fill_cache(cache, datasets, preprocessor, encode, say)
+    distributed.barrier()
+    return cache if info.is_main else features.open_cache(model, preprocessor, root)
+
+
+def wrap(model: MiniMindVLM, cfg: TrainConfig, settings: RunSettings, info: DistInfo) -> torch.nn.Module:
+    """The model the step calls: compiled on request, in DDP under torchrun."""
+    wrapped: torch.nn.Module = torch.compile(model) if settings.compile else model
+    if info.enabled:
+        # Batches without images leave the projector (and MoE experts) unused on some steps.
+        unused = get_stage(cfg.stage).uses_images or cfg.model.lm.use_moe
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        # The only buffers are constant RoPE tables: broadcasting them every step would be wasted traffic.
+        wrapped = DistributedDataParallel(wrapped, device_ids=ids, find_unused_parameters=unused,
+                                          forward_sync_buffers=False)
+    return wrapped
