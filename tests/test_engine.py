@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from minimind_v import presets
 from minimind_v.data.images import ImagePreprocessor
 from minimind_v.errors import UserError
 from minimind_v.infer.engine import Engine, SamplingParams, _Sampler
+from minimind_v.infer.streaming import Cancelled, Generation
 from minimind_v.model.llm import CausalLMOutput
 from minimind_v.model.vlm import MiniMindVLM
 
@@ -210,3 +213,60 @@ def test_top_p_keeps_only_the_nucleus():
     tokens = _Sampler(params, None, torch.device("cpu")).next(logits)
     assert set(tokens.tolist()) == {0, 1}
     assert abs((tokens == 0).float().mean().item() - 0.5 / 0.8) < 0.05
+
+
+# Streaming from a worker thread (web and serve read the engine's pieces this way).
+def streamed(engine: Engine, read_by="thread", wait_after_piece: threading.Event | None = None) -> Generation:
+    """A Generation of the scripted engine's answer; with wait_after_piece, each piece waits for that event."""
+    def generate(on_text):
+        def on_token(_row: int, piece: str) -> None:
+            on_text(piece)
+            if wait_after_piece is not None:
+                assert wait_after_piece.wait(30)
+        return engine.generate([[1, 5, 6]], None, SamplingParams(max_new_tokens=50),
+                               on_token if on_text is not None else None)[0]
+    return Generation(generate, read_by=read_by)
+
+
+def test_a_stream_read_on_another_thread_or_event_loop_is_the_whole_answer(tokenizer):
+    eng = scripted(tokenizer, "the cat sat on the mat", then=[2])
+    generation = streamed(eng)
+    threading.Thread(target=generation.run).start()
+    pieces = list(generation)
+    assert len(pieces) > 1 and "".join(pieces) == generation.result.result().text == "the cat sat on the mat"
+
+    async def read_on_the_loop() -> list[str]:
+        on_loop = streamed(eng, read_by="event_loop")
+        threading.Thread(target=on_loop.run).start()
+        return [piece async for piece in on_loop]
+    assert asyncio.run(read_on_the_loop()) == pieces
+
+
+def test_a_reader_that_leaves_stops_the_generation_at_its_next_piece(tokenizer):
+    eng = scripted(tokenizer, "the cat sat on the mat")  # no end token: 50 tokens unless stopped
+    left = threading.Event()
+    generation = streamed(eng, wait_after_piece=left)
+    worker = threading.Thread(target=generation.run)
+    worker.start()
+    with generation:
+        first = next(iter(generation))
+    left.set()
+    worker.join(30)
+    assert first and isinstance(generation.result.exception(), Cancelled)
+    assert eng.model.step < 10
+
+
+def test_a_generation_stopped_before_it_starts_never_runs_and_errors_reach_the_reader():
+    calls: list[object] = []
+    never = Generation(calls.append)
+    never.stop()
+    never.run()
+    assert list(never) == [] and never.result.cancelled() and calls == []
+
+    def refused(on_text):
+        raise UserError("prompt of 9 tokens does not fit")
+    failing = Generation(refused)
+    threading.Thread(target=failing.run).start()
+    assert list(failing) == []
+    with pytest.raises(UserError, match="does not fit"):
+        failing.result.result()

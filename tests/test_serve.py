@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from PIL import Image
 
 from minimind_v.infer.engine import Engine, SamplingParams
 from minimind_v.infer.serve import ServeOptions, create_app
+from minimind_v.infer.streaming import Cancelled
 
 LIMITS = dict(max_request_bytes=300_000, max_image_bytes=60_000, max_image_pixels=250_000, max_tokens_limit=40)
 
@@ -300,3 +302,35 @@ def test_an_images_first_model_answers_the_same_whatever_the_order(images_first_
     ours = engine.chat([{"role": "user", "content": "<image>\nwhat color"}], [Image.open(io.BytesIO(data))],
                        SamplingParams(max_new_tokens=12))
     assert replies == [ours.text, ours.text]
+
+
+class EndlessEngine:
+    """Streams a word every few milliseconds until the generation is stopped; records how each one ended."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.ended = engine, queue.Queue()
+
+    def generate(self, prompts, images, params, on_token=None):
+        try:
+            while True:
+                time.sleep(0.01)
+                on_token(0, "word ")
+        except BaseException as err:
+            self.ended.put(err)
+            raise
+
+    def prompt(self, *args, **kwargs):
+        return self.engine.prompt(*args, **kwargs)
+
+
+def test_a_client_that_leaves_mid_stream_stops_the_generation(engine, tiny_model_dir):
+    endless = EndlessEngine(engine)
+    live = LiveServer(create_app(endless, ServeOptions(model=str(tiny_model_dir)), model_name="tiny"))
+    try:
+        with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=chat_body(stream=True), timeout=60) as sse:
+            assert sse.status_code == 200
+            next(line for line in sse.iter_lines() if '"content": "word' in line)
+        assert isinstance(endless.ended.get(timeout=30), Cancelled)
+        assert httpx.get(f"{live.url}/health").json()["waiting"] == 0
+    finally:
+        live.close()

@@ -25,7 +25,6 @@ from minimind_v.devices import resolve_device
 from minimind_v.errors import UserError
 
 
-
 @dataclass
 class SamplingParams:
     """How to pick each next token."""
