@@ -8,7 +8,6 @@ Generation runs one request at a time (the queue's concurrency limit of 1 per ev
 
 from __future__ import annotations
 
-import queue
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -17,9 +16,10 @@ import gradio as gr
 
 from minimind_v.constants import IMAGE_MARKER
 from minimind_v.errors import UserError
-from minimind_v.infer.chat import open_image, with_image_markers
+from minimind_v.infer.chat import ChatOptions, open_image, with_image_markers
 from minimind_v.infer.engine import Engine, SamplingParams
 from minimind_v.infer.hosting import check_port_free, served_name
+from minimind_v.infer.streaming import Generation
 
 INTRO = ("Attach one or more images with the clip, ask about them, and keep talking: every turn sends the "
          "whole conversation and all its images to the model.")
@@ -61,14 +61,15 @@ def build_app(engine: Engine, title: str = "minimind-v") -> gr.Blocks:
         chatbot = gr.Chatbot(label="conversation", height=460, elem_id="conversation")
         box = gr.MultimodalTextbox(file_types=["image"], file_count="multiple", show_label=False, autofocus=True,
                                    placeholder="Ask about an image (attach it with the clip)…", elem_id="ask")
-        with gr.Row():
-            temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="temperature (0 = greedy)",
-                                    elem_id="temperature")
-            top_p = gr.Slider(0.05, 1.0, value=0.85, step=0.05, label="top-p", elem_id="top-p")
-            max_tokens = gr.Slider(8, 1024, value=256, step=8, label="max new tokens", elem_id="max-tokens")
+        with gr.Row():  # the sliders start at `minimind-v chat`'s defaults, so both answer alike
+            temperature = gr.Slider(0.0, 1.5, value=ChatOptions.temperature, step=0.05,
+                                    label="temperature (0 = greedy)", elem_id="temperature")
+            top_p = gr.Slider(0.05, 1.0, value=ChatOptions.top_p, step=0.05, label="top-p", elem_id="top-p")
+            max_tokens = gr.Slider(8, 1024, value=ChatOptions.max_new_tokens, step=8, label="max new tokens",
+                                   elem_id="max-tokens")
         clear = gr.Button("New conversation", variant="secondary")
 
-        def respond(display, convo, temp, p, limit) -> Iterator[tuple[list, dict]]:
+        def respond(display: list, convo: dict, temp: float, p: float, limit: float) -> Iterator[tuple[list, dict]]:
             params = SamplingParams(max_new_tokens=int(limit), temperature=float(temp), top_p=float(p))
             yield from _respond(engine, display, convo, params)
 
@@ -119,36 +120,11 @@ def _stream(engine: Engine, messages: list[dict], images: list, params: Sampling
 
     When the browser goes away Gradio closes this generator; the next delta then stops the engine.
     """
-    deltas: queue.Queue[str | None] = queue.Queue()
-    closed = threading.Event()
-    failure: list[BaseException] = []
-
-    def on_text(delta: str) -> None:
-        if closed.is_set():
-            raise _Closed()
-        deltas.put(delta)
-
-    def work() -> None:
-        try:
-            engine.chat(messages, images, params, on_text=on_text)
-        except _Closed:
-            pass
-        except BaseException as err:  # handed to the generator, which re-raises it in Gradio's thread
-            failure.append(err)
-        finally:
-            deltas.put(None)
-
-    threading.Thread(target=work, name="minimind-v-web-generate", daemon=True).start()
+    generation = Generation(lambda on_text: engine.chat(messages, images, params, on_text=on_text))
+    threading.Thread(target=generation.run, name="minimind-v-web-generate", daemon=True).start()
     text = ""
-    try:
-        while (delta := deltas.get()) is not None:
-            text += delta
+    with generation:
+        for piece in generation:
+            text += piece
             yield text
-    finally:
-        closed.set()
-    if failure:
-        raise failure[0]
-
-
-class _Closed(Exception):
-    """The page stopped listening; ends the generation early."""
+    generation.result.result()  # re-raises the generation's error here, in Gradio's thread
