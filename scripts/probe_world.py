@@ -4,7 +4,7 @@ It trains MiniMindLM plus a Hugging Face CLIP tower (or, with --symbolic, perfec
 learned embedding per cell content) on `synth` samples, with a bare prompt format (no chat template),
 and prints teacher-forced exact match per question type on held-out scenes as it goes. It exists to
 separate "the language model cannot learn the lookups" from "the vision side is too slow", which the
-full quickstart cannot tell apart. Findings are in the commit messages of data/synth.py and presets.py.
+full quickstart cannot tell apart. Findings are in docs/experiments.md and the commit messages of presets.py.
 
     python scripts/probe_world.py --symbolic --seconds 240            # the language side alone
     python scripts/probe_world.py --seconds 240 --position-std 0.5    # pixels through a 0-layer tower
@@ -28,10 +28,10 @@ from torch import nn
 
 from minimind_v.data import synth
 from minimind_v.data.batching import BatchPlan
+from minimind_v.data.synth.tower import pretrain_tower, world_labels
 from minimind_v.model.config import LMConfig, VisionConfig
 from minimind_v.model.llm import MiniMindLM
 from minimind_v.model.vision import VisionTower
-from minimind_v.train.tower import pretrain_tower, world_labels
 
 PAD, IMAGE, EOS, USER, ASSISTANT = range(5)
 SPECIALS = ["<pad>", "<image>", "<eos>", "<user>", "<assistant>"]
@@ -142,7 +142,7 @@ def main() -> None:
     device = torch.device(args.device)
     tower, projector, lm = tower.to(device), projector.to(device), lm.to(device)
     if args.tower_pretrain and not args.symbolic:
-        # The quickstart's own step (train/tower.py), on the probe's training images.
+        # The quickstart's own step (data/synth/tower.py), on the probe's training images.
         report = pretrain_tower(tower, torch.stack([img for _, img in train_set]).to(device),
                                 world_labels([s.scene for s in train]),
                                 args.tower_pretrain, args.batch)

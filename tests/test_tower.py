@@ -1,4 +1,4 @@
-"""Supervised tower pretraining (train/tower.py): the tower learns what covers each patch, and is saved loadable."""
+"""Supervised tower pretraining (data/synth/tower.py): the tower learns what covers each patch, and is saved loadable."""
 
 import dataclasses
 
@@ -8,10 +8,10 @@ import torch
 
 from minimind_v.data import synth
 from minimind_v.data.images import ImagePreprocessor
+from minimind_v.data.synth.tower import PatchLabels, pretrain_tower, world_labels
 from minimind_v.model.vision import VisionTower
 from minimind_v.modeldir import save_tower
 from minimind_v.presets import get_preset
-from minimind_v.train.tower import PatchLabels, pretrain_tower, world_labels
 
 
 def _world(n):
