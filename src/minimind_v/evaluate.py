@@ -6,9 +6,10 @@ turn is the reference. A blank or missing reference is still answered (and writt
 elsewhere. Normalisation is deliberately trivial: surrounding whitespace and one trailing "." or
 "。" are dropped from both sides; case, inner spaces and wording must match exactly.
 
-Samples of the synthetic world carry a "type" (the question type); the report gives exact match per
-type, overall, and for short answers (one to four words) against long ones (full descriptions).
-Data without types is grouped by the reference's length alone.
+Samples may carry a "type" (a question type, as `minimind-v synth` writes); the report gives exact
+match per type, overall, and for short answers against long ones (descriptions). A type is long when
+every reference it has ends a sentence ("." or "。"): descriptions do, one-to-four-word answers do
+not. Data without types is grouped by each reference's length.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from minimind_v.data.formats import BadSample, Reader, open_dataset
-from minimind_v.data.synth import LONG_TYPES
 from minimind_v.errors import UserError
 
 NORMALISATION = "strip surrounding whitespace and one trailing '.' or '。'; otherwise exact (case-sensitive)"
 SHORT_WORDS = 4
-"""A reference of at most this many words (or 8 characters without spaces, for Chinese) is a short answer."""
+"""An untyped reference of at most this many words (or 8 characters without spaces, for Chinese) is short."""
+SENTENCE_ENDS = (".", "。")
+UNTYPED = "untyped"
 
 
 @dataclass
@@ -69,10 +71,20 @@ def normalise(text: str) -> str:
     return text[:-1].rstrip() if text.endswith((".", "。")) else text
 
 
-def is_long(item: Item) -> bool:
-    if item.type in LONG_TYPES:
-        return True
-    if item.type != "untyped" or item.reference is None:
+def long_types(items: list[Item]) -> set[str]:
+    """The types whose references, every one of them and at least one, end a sentence."""
+    ends: dict[str, bool] = {}
+    for it in items:
+        if it.type != UNTYPED and it.reference is not None:
+            ends[it.type] = ends.get(it.type, True) and it.reference.rstrip().endswith(SENTENCE_ENDS)
+    return {t for t, sentence in ends.items() if sentence}
+
+
+def is_long(item: Item, long: set[str]) -> bool:
+    """A typed item by its type (`long`: long_types of its data), an untyped one by its reference's length."""
+    if item.type != UNTYPED:
+        return item.type in long
+    if item.reference is None:
         return False
     words = item.reference.split()
     return len(words) > SHORT_WORDS or (len(words) == 1 and len(words[0]) > 8)
@@ -92,13 +104,14 @@ def score(items: list[Item]) -> dict[str, Any]:
         return {"exact_match": round(hits / len(group), 4) if group else None, "correct": hits, "n": len(group)}
 
     types = sorted({it.type for it in scored})
+    long = long_types(items)
     return {
         "samples": len(items), "scored": len(scored),
         "unscored": sum(it.reference is None and it.error is None for it in items),
         "errors": sum(it.error is not None for it in items),
         "exact_match": summary(scored)["exact_match"],
-        "short": summary([it for it in scored if not is_long(it)]),
-        "long": summary([it for it in scored if is_long(it)]),
+        "short": summary([it for it in scored if not is_long(it, long)]),
+        "long": summary([it for it in scored if is_long(it, long)]),
         "by_type": {t: summary([it for it in scored if it.type == t]) for t in types},
         "normalisation": NORMALISATION,
     }
@@ -111,7 +124,7 @@ def read_items(reader: Reader, limit: int | None = None) -> list[Item]:
     items = []
     for i in range(count):
         index = _line_index(reader.source(i))
-        qtype = types.get(index, "untyped")
+        qtype = types.get(index, UNTYPED)
         try:
             raw = reader[i]
         except BadSample as err:
@@ -177,7 +190,8 @@ def answer_all(engine: Any, items: list[Item], reader: Reader, batch_size: int, 
             continue
         ready.append((item, prompt, images))
     # Long answers decode for many steps: batching them apart keeps short rows from waiting on them.
-    ready.sort(key=lambda r: (is_long(r[0]), len(r[1])))
+    long = long_types(items)
+    ready.sort(key=lambda r: (is_long(r[0], long), len(r[1])))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     for start in range(0, len(ready), batch_size):
         batch = ready[start:start + batch_size]
