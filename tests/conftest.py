@@ -51,7 +51,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     import dataclasses
 
     from minimind_v.data.tokenizer import load_tokenizer
-    from minimind_v.model.vlm import MiniMindVLM
+    from minimind_v.modeldir import MiniMindVLM
     from minimind_v.presets import get_preset
 
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -10,7 +10,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from minimind_v.errors import UserError
 from minimind_v.model.config import LMConfig, VisionConfig, VLMConfig
-from minimind_v.model.vlm import MiniMindVLM
+from minimind_v.modeldir import MiniMindVLM
 from minimind_v.modeldir import embed_tower
 
 IMG, RUN = 5, 16
@@ -136,4 +136,54 @@ def test_unreadable_directories_are_user_errors(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "lm": {**config["lm"], "bogus": 1}}))
     with pytest.raises(UserError, match=r"lm\.bogus"):
+        MiniMindVLM.from_pretrained(tmp_path)
+
+
+def test_model_package_is_architecture_only():
+    """model/ imports no files layer, no CLI and no user errors: modeldir imports model/, never the reverse."""
+    import ast
+    from pathlib import Path
+
+    import minimind_v.model
+
+    banned = ("minimind_v.modeldir", "minimind_v.errors", "minimind_v.cli", "minimind_v.options",
+              "minimind_v.devices", "minimind_v.fileio", "argparse", "safetensors")
+    for path in Path(minimind_v.model.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                assert not any(name == b or name.startswith(b + ".") for b in banned), (path.name, name)
+
+
+def test_the_architecture_alone_has_no_files_and_the_public_class_is_it(tmp_path):
+    from minimind_v.model import vlm as architecture
+
+    assert not hasattr(architecture.MiniMindVLM, "from_pretrained")
+    assert not hasattr(architecture.MiniMindVLM, "save_pretrained")
+    inside_tower_model().save_pretrained(tmp_path)
+    loaded = MiniMindVLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, architecture.MiniMindVLM) and not loaded.training
+
+
+def test_preprocessor_config_bytes_of_a_model_directory_and_an_export(tmp_path):
+    from minimind_v.modeldir import default_image_processor, write_preprocessor_config
+
+    inside_tower_model().save_pretrained(tmp_path / "model")
+    expected = json.dumps(default_image_processor("clip", 32), indent=2)
+    assert (tmp_path / "model" / "vision" / "preprocessor_config.json").read_text() == expected + "\n"
+    write_preprocessor_config(tmp_path, {"a": [1, 2]}, final_newline=False)
+    assert (tmp_path / "preprocessor_config.json").read_bytes() == b'{\n  "a": [\n    1,\n    2\n  ]\n}'
+
+
+def test_an_unbuildable_tower_in_a_config_is_a_user_error(tmp_path):
+    inside_tower_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["vision"].update(name_or_path=str(tmp_path / "elsewhere"), freeze=True)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"elsewhere' cannot be loaded .*minimind-v download.*--vision DIR"):
         MiniMindVLM.from_pretrained(tmp_path)

@@ -24,7 +24,7 @@ from minimind_v import cli
 from minimind_v.data.synth import SynthOptions
 from minimind_v.data.synth import main as synth_main
 from minimind_v.data.tokenizer import load_tokenizer
-from minimind_v.model.vlm import MiniMindVLM
+from minimind_v.modeldir import MiniMindVLM
 
 SMALL_LM = ["--set", "model.lm.hidden_size=32", "--set", "model.lm.num_hidden_layers=2",
             "--set", "model.lm.num_attention_heads=4", "--set", "model.lm.num_key_value_heads=2"]
@@ -205,3 +205,16 @@ def test_from_an_original_pth_starts_from_its_weights(world, tokenizer_dir, tiny
     trained = weights(out)
     assert all(torch.equal(trained[k], v.half().float()) for k, v in llm.items())  # frozen: exactly the file's
     assert "projector.net.0.weight" in trained and "fresh" in (out / "train.log").read_text()
+
+
+def test_every_knob_that_changes_the_result_is_recorded_and_checked_on_resume(world, tokenizer_dir, tmp_path,
+                                                                                capsys):
+    out = tmp_path / "run"
+    assert train(*lm_args(world, tokenizer_dir, out, "--max-steps", "1", "--lr", "0", "--max-minutes", "5")) == 0
+    saved = json.loads(next((out / "checkpoints").glob("step-*/state.json")).read_text())["config"]
+    assert saved["lr"] == 0 and saved["max_minutes"] == 5 and saved["feature_cache"] is False  # 0 is not "unset"
+    assert [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0]
+    capsys.readouterr()
+    assert train(*lm_args(world, tokenizer_dir, out, "--max-steps", "2", "--lr", "0", "--max-minutes", "9",
+                          "--resume")) == 2
+    assert "max_minutes: 5.0 -> 9.0" in capsys.readouterr().err

@@ -80,7 +80,7 @@ def test_model_directories_get_the_permissions_of_a_normal_write(tmp_path, token
 
 
 def test_from_pretrained_is_ready_for_inference(tiny_model_dir):
-    from minimind_v.model.vlm import MiniMindVLM
+    from minimind_v.modeldir import MiniMindVLM
 
     model = MiniMindVLM.from_pretrained(tiny_model_dir)
     assert not model.training and not any(m.training for m in model.modules())

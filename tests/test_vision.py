@@ -7,7 +7,8 @@ from transformers import (CLIPVisionConfig, CLIPVisionModel, Siglip2VisionConfig
 
 from minimind_v.errors import UserError
 from minimind_v.model.config import VisionConfig
-from minimind_v.model.vision import VisionTower
+from minimind_v.model.vision import TowerConfigError, TowerUnavailable, VisionTower
+from minimind_v.modeldir import build_tower
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
 
@@ -68,8 +69,29 @@ def test_trainable_tower_built_from_init_trains():
 
 def test_unreachable_hub_id_is_a_one_line_user_error():
     with pytest.raises(UserError, match="minimind-v download") as err:
-        VisionTower(VisionConfig(name_or_path="nobody/no-such-vision-tower"))
+        build_tower(VisionConfig(name_or_path="nobody/no-such-vision-tower"))
     assert "\n" not in str(err.value)
+
+
+def test_the_model_names_the_unloadable_tower_but_no_flag():
+    """model/ knows no CLI: the hint about `download` and --vision is added by modeldir.build_tower."""
+    with pytest.raises(TowerUnavailable, match=r"^vision tower 'nobody/no-such-vision-tower' cannot be loaded \(") as err:
+        VisionTower(VisionConfig(name_or_path="nobody/no-such-vision-tower"))
+    assert not isinstance(err.value, UserError) and "--vision" not in str(err.value)
+    with pytest.raises(UserError) as user:
+        build_tower(VisionConfig(name_or_path="nobody/no-such-vision-tower"))
+    assert str(user.value) == f"{err.value}; fetch it with `minimind-v download` or pass a local directory with --vision DIR"
+
+
+def test_an_unsupported_tower_type_is_a_config_error_not_a_load_failure(tmp_path):
+    init = {"model_type": "vit", **SMALL}
+    with pytest.raises(TowerConfigError, match="model_type 'vit': supported are CLIP, SigLIP and SigLIP2"):
+        VisionTower(VisionConfig(init=init, hidden_size=32, image_size=32, num_patches=16))
+    CLIPVisionConfig(**SMALL).save_pretrained(tmp_path)  # a pretrained folder of the wrong type: same message
+    config = (tmp_path / "config.json").read_text().replace("clip_vision_model", "vit")
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(UserError, match=r"^vision tower model_type 'vit': supported are CLIP, SigLIP and SigLIP2$"):
+        build_tower(VisionConfig(name_or_path=str(tmp_path)))
 
 
 @pytest.mark.parametrize("family", ["clip_vision_model", "siglip_vision_model"])
@@ -94,6 +116,8 @@ def test_position_init_std_must_be_positive():
     cfg = VisionConfig(name_or_path=None, init=init, hidden_size=32, image_size=32, num_patches=16, freeze=False,
                        position_init_std=-0.5)
     with pytest.raises(UserError, match="position_init_std -0.5: must be positive"):
+        build_tower(cfg)
+    with pytest.raises(TowerConfigError, match="position_init_std -0.5: must be positive"):
         VisionTower(cfg)
 
 

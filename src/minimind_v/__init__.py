@@ -3,7 +3,7 @@
 from typing import Any
 
 # Imported on first use, so `minimind-v --help` and light modules do not pay for torch.
-_LAZY = {"MiniMindVLM": "minimind_v.model.vlm", "VLMConfig": "minimind_v.model.config",
+_LAZY = {"MiniMindVLM": "minimind_v.modeldir", "VLMConfig": "minimind_v.model.config",
          "Engine": "minimind_v.infer.engine", "SamplingParams": "minimind_v.infer.engine"}
 
 __all__ = list(_LAZY)

@@ -8,7 +8,14 @@ class UserError(Exception):
     """
 
 
-def preview(items: list, limit: int = 4, sep: str = ", ") -> str:
-    """The first `limit` of `items` for a one-line message, and how many more there are."""
-    shown = sep.join(map(str, items[:limit]))
-    return shown if len(items) <= limit else f"{shown}{sep}... {len(items) - limit} more"
+def first_line(err: BaseException) -> str:
+    """An exception's first line of text, or its type's name when it has none: a reason that fits in one line."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def short_list(items: list[str], limit: int) -> str:
+    """The first `limit` items, comma-separated, and how many more; "none" for no items."""
+    if not items:
+        return "none"
+    return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")

@@ -9,6 +9,9 @@
                          (embed_tower copies it inside, for a directory that must travel alone)
 
 Loading is strict: a missing, unexpected or mis-shaped weight is an error naming the key(s).
+
+The public `MiniMindVLM` lives here: model/vlm.py's architecture with `from_pretrained` and `save_pretrained`,
+and a tower that cannot be built reported as a UserError saying how to fix it (model/ knows no flags).
 """
 
 from __future__ import annotations
@@ -24,21 +27,51 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from minimind_v.data.images import image_processor_config
+from minimind_v.data.images import CLIP_MEAN, CLIP_STD, RESCALE_FACTOR, ImagePreprocessor, image_processor_config
 from minimind_v.data.tokenizer import save_tokenizer
-from minimind_v.errors import UserError
+from minimind_v.errors import UserError, short_list
 from minimind_v.fileio import atomic_write, atomic_write_text, normal_modes, replace_dir
+from minimind_v.model import vlm
 from minimind_v.model.config import VisionConfig, VLMConfig
-from minimind_v.model.vision import VisionTower, quiet_transformers
-from minimind_v.model.vlm import MiniMindVLM
+from minimind_v.model.vision import TowerConfigError, TowerUnavailable, VisionTower, quiet_transformers
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, VISION_DIR = "config.json", "model.safetensors", "vision"
-TIED_KEY = "lm.lm_head.weight"  # the same Parameter as lm.embed_tokens.weight
-CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+PREPROCESSOR_FILE = "preprocessor_config.json"
+EMBED_KEY = "lm.embed_tokens.weight"
+TIED_KEY = "lm.lm_head.weight"  # the same Parameter as EMBED_KEY
+FETCH_HINT = "fetch it with `minimind-v download` or pass a local directory with --vision DIR"
 
 
-def save_model(model: MiniMindVLM, directory: str | Path, tokenizer: Any = None) -> None:
+def build_tower(vision: VisionConfig, source: str | None = None) -> VisionTower:
+    """VisionTower(vision, source) for a user's command: its errors as UserErrors, an unloadable tower's saying
+    how to get it."""
+    try:
+        return VisionTower(vision, source=source)
+    except TowerUnavailable as err:
+        raise UserError(f"{err}; {FETCH_HINT}") from None
+    except TowerConfigError as err:
+        raise UserError(str(err)) from None
+
+
+class MiniMindVLM(vlm.MiniMindVLM):
+    """The VLM as users hold it: the architecture, read from and written to a model directory."""
+
+    def __init__(self, cfg: VLMConfig, vision: VisionTower | None = None):
+        """Random language model and projector; the tower is `vision` if given, else built from cfg.vision."""
+        super().__init__(cfg, vision if vision is not None else build_tower(cfg.vision))
+
+    def save_pretrained(self, directory: str | Path, tokenizer: Any = None) -> None:
+        """Write a model directory; a given tokenizer is saved beside the weights."""
+        save_model(self, directory, tokenizer=tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "MiniMindVLM":
+        """Strict load of a model directory written by save_pretrained or convert, in eval mode (`.train()` to train)."""
+        return load_model(directory).eval()
+
+
+def save_model(model: vlm.MiniMindVLM, directory: str | Path, tokenizer: Any = None) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
@@ -61,7 +94,7 @@ def embed_tower(directory: str | Path) -> None:
     cfg = read_config(directory)
     if cfg.vision.name_or_path == VISION_DIR:
         return
-    tower = VisionTower(cfg.vision, source=vision_source(cfg.vision, directory))
+    tower = build_tower(cfg.vision, source=vision_source(cfg.vision, directory))
     _write_config(directory, _save_tower_inside(tower, directory, cfg))
 
 
@@ -81,17 +114,20 @@ def tower_lives_inside(vision: VisionConfig) -> bool:
     return vision.init is not None or not vision.freeze or vision.name_or_path == VISION_DIR
 
 
-def weights_to_save(model: MiniMindVLM) -> dict[str, torch.Tensor]:
-    """Everything but the tower (saved or referenced apart) and the tied head (a copy of the embedding)."""
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items()
-            if k != TIED_KEY and not k.startswith("vision.")}
+def _stored(key: str) -> bool:
+    """Whether model.safetensors holds this weight: not the tower's (saved or referenced apart), not the tied
+    head's (a copy of the embedding)."""
+    return key != TIED_KEY and not key.startswith("vision.")
+
+
+def weights_to_save(model: vlm.MiniMindVLM) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if _stored(k)}
 
 
 def load_model(directory: str | Path) -> MiniMindVLM:
     directory = Path(directory)
     cfg = read_config(directory)
-    tower = VisionTower(cfg.vision, source=vision_source(cfg.vision, directory))
-    model = MiniMindVLM(cfg, vision=tower)
+    model = MiniMindVLM(cfg, vision=build_tower(cfg.vision, source=vision_source(cfg.vision, directory)))
     load_weights_strict(model, read_weights(directory / WEIGHTS_FILE), directory / WEIGHTS_FILE)
     return model
 
@@ -132,24 +168,17 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: cannot read the weights ({err})") from None
 
 
-def load_weights_strict(model: MiniMindVLM, state: dict[str, torch.Tensor], source: Path | str) -> None:
-    expected = {k: v for k, v in model.state_dict().items() if k != TIED_KEY and not k.startswith("vision.")}
+def load_weights_strict(model: vlm.MiniMindVLM, state: dict[str, torch.Tensor], source: Path | str) -> None:
+    expected = {k: v for k, v in model.state_dict().items() if _stored(k)}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise UserError(f"{source}: weights do not match the config; missing: {_list(missing)}; "
-                        f"unexpected: {_list(unexpected)}")
+        raise UserError(f"{source}: weights do not match the config; missing: {short_list(missing, 8)}; "
+                        f"unexpected: {short_list(unexpected, 8)}")
     for key, value in state.items():
         if value.shape != expected[key].shape:
             raise UserError(f"{source}: {key} has shape {tuple(value.shape)}, the config needs "
                             f"{tuple(expected[key].shape)}")
     model.load_state_dict(state, strict=False)  # strictness checked above; the tower and tied head are apart
-
-
-def _list(keys: list[str], limit: int = 8) -> str:
-    if not keys:
-        return "none"
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
 
 
 def save_tower(tower: VisionTower, directory: Path, image_size: int) -> None:
@@ -161,19 +190,34 @@ def save_tower(tower: VisionTower, directory: Path, image_size: int) -> None:
     if tower.source is not None:  # the source's own settings, in whichever layout transformers saved them
         with contextlib.suppress(UserError):  # a bare tower saved without any keeps its family's recipe
             processor = image_processor_config(tower.source)
-    (staging / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    write_preprocessor_config(staging, processor)
     normal_modes(staging)
     replace_dir(staging, directory / VISION_DIR)
 
 
+def write_preprocessor_config(directory: Path, config: dict[str, Any], final_newline: bool = True) -> None:
+    """The one writer of preprocessor_config.json (a tower's image processing, as transformers reads it): into a
+    model directory's vision/, and into an export-hf directory, which has never had the final newline."""
+    text = json.dumps(config, indent=2) + ("\n" if final_newline else "")
+    atomic_write_text(Path(directory) / PREPROCESSOR_FILE, text)
+
+
 def default_image_processor(family: str, image_size: int) -> dict[str, Any]:
     """The transformers image-processor config a tower of this family expects (CLIP's or SigLIP's recipe)."""
-    common = {"do_convert_rgb": True, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255,
+    common = {"do_convert_rgb": True, "do_resize": True, "do_rescale": True, "rescale_factor": RESCALE_FACTOR,
               "do_normalize": True}
     if family == "clip":
         return {"image_processor_type": "CLIPImageProcessor", **common, "resample": 3,
                 "size": {"shortest_edge": image_size}, "do_center_crop": True,
                 "crop_size": {"height": image_size, "width": image_size},
-                "image_mean": CLIP_MEAN, "image_std": CLIP_STD}
+                "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}
     return {"image_processor_type": "SiglipImageProcessor", **common, "resample": 2,
             "size": {"height": image_size, "width": image_size}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+
+
+def load_image_processor(model_dir: str | Path, config: VLMConfig) -> ImagePreprocessor:
+    """The preprocessing of a model directory's tower (its vision/ folder, or the referenced tower)."""
+    own = Path(model_dir) / VISION_DIR
+    if config.vision.name_or_path == VISION_DIR or (own / PREPROCESSOR_FILE).is_file():
+        return ImagePreprocessor.from_pretrained(own)
+    return ImagePreprocessor.from_pretrained(config.vision.name_or_path)

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from minimind_v.data.tokenizer import load_tokenizer
-from minimind_v.errors import UserError
+from minimind_v.errors import UserError, first_line, short_list
 from minimind_v.model.config import VLMConfig
 from minimind_v.model.vision import VisionTower
 from minimind_v.model.vlm import MiniMindVLM
-from minimind_v.modeldir import load_weights_strict, weights_to_save
+from minimind_v.modeldir import build_tower, load_weights_strict, save_model, weights_to_save
 from minimind_v.presets import get_preset
 
 IMAGE_TOKEN = "@"
@@ -67,8 +67,7 @@ def read_pth(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, foreign pickle, not torch at all: all one answer for the user
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"--pth {path}: not a readable PyTorch state dict ({reason[:200]})") from None
+        raise UserError(f"--pth {path}: not a readable PyTorch state dict ({first_line(err)[:200]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"--pth {path}: expected a dict of tensors (a plain state_dict)")
     return state
@@ -90,22 +89,16 @@ def map_state(upstream: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
     unknown = sorted(present - set(names) - {UPSTREAM_HEAD})
     missing = sorted((set(names) | {UPSTREAM_HEAD}) - present)
     if unknown or missing:
-        raise UserError(f"--pth {path}: keys do not match the preset; unknown: {_short(unknown)}; "
-                        f"missing: {_short(missing)}")
+        raise UserError(f"--pth {path}: keys do not match the preset; unknown: {short_list(unknown, 6)}; "
+                        f"missing: {short_list(missing, 6)}")
     wrong = [f"{up} {tuple(upstream[up].shape)} vs {tuple(expected[k].shape)}"
              for up, k in names.items() if upstream[up].shape != expected[k].shape]
     if wrong:
-        raise UserError(f"--pth {path}: shapes do not match the preset (file vs preset): {_short(wrong)}")
+        raise UserError(f"--pth {path}: shapes do not match the preset (file vs preset): {short_list(wrong, 6)}")
     if not torch.equal(upstream[UPSTREAM_HEAD], upstream[UPSTREAM_EMBED]):
         raise UserError(f"--pth {path}: {UPSTREAM_HEAD} differs from {UPSTREAM_EMBED}; the original ties them, "
                         "so this file is not an original MiniMind-V checkpoint")
     return {k: upstream[up].float() for up, k in names.items()}, notes
-
-
-def _short(items: list[str], limit: int = 6) -> str:
-    if not items:
-        return "none"
-    return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
 def image_token_id(tokenizer, where: str) -> int:
@@ -149,11 +142,11 @@ def main(opts: ImportUpstreamOptions) -> int:
     tokenizer = load_tokenizer(opts.tokenizer)
     cfg = upstream_config(opts.preset, opts.vision, image_token_id(tokenizer, opts.tokenizer))
     upstream = read_pth(Path(opts.pth))  # a bad file fails before the tower is loaded
-    tower = VisionTower(cfg.vision)
+    tower = build_tower(cfg.vision)
     check_tower(tower, cfg, opts.vision)
     model = MiniMindVLM(cfg, vision=tower)
     notes = apply_upstream_state(model, upstream, Path(opts.pth))
-    model.save_pretrained(opts.out, tokenizer=tokenizer)
+    save_model(model, opts.out, tokenizer=tokenizer)
     for note in notes:
         print(f"note: {note}")
     print(f"imported {opts.pth} ({opts.preset}) -> {opts.out}")

@@ -95,9 +95,8 @@ class Engine:
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device | None = None) -> "Engine":
         """Read a model directory: weights, tokenizer and the vision tower's image processor."""
-        from minimind_v.data.images import load_image_processor
         from minimind_v.data.tokenizer import load_tokenizer
-        from minimind_v.model.vlm import MiniMindVLM
+        from minimind_v.modeldir import MiniMindVLM, load_image_processor
 
         device = resolve_device(device) if not isinstance(device, torch.device) else device
         model = MiniMindVLM.from_pretrained(model_dir)  # UserError naming the directory when it is not one

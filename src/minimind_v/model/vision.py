@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from transformers import AutoConfig, CLIPVisionModel, PreTrainedModel, SiglipVisionModel, Siglip2VisionModel
 from transformers.utils import logging as hf_logging
 
-from minimind_v.errors import UserError
 from minimind_v.model.config import VisionConfig
 
 FAMILIES: dict[str, type[PreTrainedModel]] = {
@@ -27,11 +26,20 @@ FAMILIES: dict[str, type[PreTrainedModel]] = {
 }
 
 
+class TowerConfigError(ValueError):
+    """A tower config this module cannot build from; the message names the value at fault."""
+
+
+class TowerUnavailable(OSError):
+    """A pretrained tower that cannot be loaded from its source (absent, offline, unreadable); the message
+    names the source. Callers that know where the source came from add how to fix it."""
+
+
 def family_of(model_type: str) -> str:
-    """'clip_vision_model' or 'clip' -> 'clip'; an unsupported type is the user's to fix."""
+    """'clip_vision_model' or 'clip' -> 'clip'; TowerConfigError for an unsupported type."""
     family = model_type.removesuffix("_vision_model")
     if family not in FAMILIES:
-        raise UserError(f"vision tower model_type {model_type!r}: supported are CLIP, SigLIP and SigLIP2")
+        raise TowerConfigError(f"vision tower model_type {model_type!r}: supported are CLIP, SigLIP and SigLIP2")
     return family
 
 
@@ -82,10 +90,10 @@ class VisionTower(nn.Module):
 
 def _init_positions(model: nn.Module, std: float) -> None:
     if not std > 0:
-        raise UserError(f"vision.position_init_std {std}: must be positive")
+        raise TowerConfigError(f"vision.position_init_std {std}: must be positive")
     tables = [m for name, m in model.named_modules() if name.endswith("position_embedding") and isinstance(m, nn.Embedding)]
     if not tables:
-        raise UserError("vision.position_init_std: this tower has no position embedding table")
+        raise TowerConfigError("vision.position_init_std: this tower has no position embedding table")
     for table in tables:
         nn.init.normal_(table.weight, mean=0.0, std=std)
 
@@ -136,10 +144,11 @@ def _load_pretrained(source: str) -> tuple[str, PreTrainedModel]:
             print(f"vision tower {source}: a full {family} checkpoint; its text half ({len(unused)} tensors) is "
                   "not used", file=sys.stderr)
         return family, model
+    except TowerConfigError:
+        raise
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"vision tower {source!r} cannot be loaded ({reason}); fetch it with "
-                        "`minimind-v download` or pass a local directory with --vision DIR") from None
+        raise TowerUnavailable(f"vision tower {source!r} cannot be loaded ({reason})") from None
     finally:
         report_logger.removeFilter(held)
         if not expected_report:

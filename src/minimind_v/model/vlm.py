@@ -2,11 +2,11 @@
 
 Each image is a run of cfg.image_token_len placeholder tokens (cfg.image_token_id) in input_ids;
 the k-th run, counted row by row, receives the projected patch features of the k-th image.
+Architecture only: reading and writing a model directory is modeldir.py's, whose MiniMindVLM (this class
+with from_pretrained / save_pretrained) is the one `from minimind_v import MiniMindVLM` gives.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -61,14 +61,3 @@ class MiniMindVLM(nn.Module):
         return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                        segment_ids=segment_ids, labels=labels, past_key_values=past_key_values,
                        use_cache=use_cache, logits_to_keep=logits_to_keep)
-
-    def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
-        """Write a model directory (see modeldir.py); a given tokenizer is saved beside the weights."""
-        from minimind_v.modeldir import save_model
-        save_model(self, directory, tokenizer=tokenizer)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "MiniMindVLM":
-        """Strict load of a model directory written by save_pretrained or convert, in eval mode (`.train()` to train)."""
-        from minimind_v.modeldir import load_model
-        return load_model(directory).eval()

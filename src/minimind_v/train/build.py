@@ -12,12 +12,11 @@ import torch
 from minimind_v import modeldir
 from minimind_v.data.dataset import DataSettings, VLMDataset
 from minimind_v.data.formats import open_dataset
-from minimind_v.data.images import ImagePreprocessor, load_image_processor
+from minimind_v.data.images import ImagePreprocessor
 from minimind_v.data.tokenizer import load_tokenizer
 from minimind_v.errors import UserError
 from minimind_v.model.config import VLMConfig
-from minimind_v.model.vision import VisionTower
-from minimind_v.model.vlm import MiniMindVLM
+from minimind_v.modeldir import MiniMindVLM
 from minimind_v.presets import get_preset
 
 
@@ -93,7 +92,7 @@ def build_model(start: Start, cfg: VLMConfig) -> tuple[MiniMindVLM, list[str]]:
         model = MiniMindVLM(cfg)
         return model, load_upstream_weights(model, start.path)
     source = cfg.vision.name_or_path if start.vision_override else modeldir.vision_source(cfg.vision, start.path)
-    model = MiniMindVLM(cfg, vision=VisionTower(cfg.vision, source=source))
+    model = MiniMindVLM(cfg, vision=modeldir.build_tower(cfg.vision, source=source))
     weights = start.path / modeldir.WEIGHTS_FILE
     modeldir.load_weights_strict(model, modeldir.read_weights(weights), weights)
     return model, []
@@ -104,7 +103,7 @@ def image_preprocessor(start: Start, cfg: VLMConfig) -> ImagePreprocessor:
     if cfg.vision.init is not None:
         return ImagePreprocessor.for_image_size(cfg.vision.image_size)
     if start.kind == "dir" and not start.vision_override:
-        return load_image_processor(start.path, cfg)
+        return modeldir.load_image_processor(start.path, cfg)
     return ImagePreprocessor.from_pretrained(cfg.vision.name_or_path)
 
 
