@@ -12,6 +12,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from minimind_v.data.formats import BadSample
 from minimind_v.data.images import ImageFolder, ImagePreprocessor, load_image, resolve_image_path, to_rgb
 from minimind_v.errors import UserError
+from minimind_v.modeldir import write_preprocessor_config
 
 
 def _noise(width, height, mode="RGB", seed=0):
@@ -33,7 +34,7 @@ def test_matches_transformers_clip_processor(size, edge):
 
 
 def test_config_round_trip_and_fixed_size(tmp_path):
-    ImagePreprocessor.for_image_size(64).save(tmp_path)
+    write_preprocessor_config(tmp_path, ImagePreprocessor.for_image_size(64).to_config())  # modeldir's one writer
     assert ImagePreprocessor.from_pretrained(tmp_path) == ImagePreprocessor.for_image_size(64)
     siglip = ImagePreprocessor.from_config({"size": {"height": 32, "width": 32}, "image_mean": [0.5] * 3,
                                             "image_std": [0.5] * 3, "resample": 2})

@@ -10,7 +10,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from minimind_v import cli, presets
 from minimind_v.data.tokenizer import load_tokenizer
 from minimind_v.model.config import LMConfig, VisionConfig, VLMConfig
-from minimind_v.model.vlm import MiniMindVLM
+from minimind_v.modeldir import MiniMindVLM
 
 H, LAYERS, FFN, VISION = 64, 2, 192, 24  # FFN = 64 * ceil(int(8 * 64 / 3) / 64)
 

@@ -28,9 +28,10 @@ from typing import Any, Callable, Literal
 from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-from minimind_v.errors import UserError
+from minimind_v.errors import UserError, first_line
+from minimind_v.model.config import CLIP_B16
 
-VISION_REPO = "openai/clip-vit-base-patch16"
+VISION_REPO = CLIP_B16  # the tower the minimind2 presets name
 WEIGHTS_REPO = "jingyaogong/MiniMind2-V-PyTorch"
 # The .pth repo holds weights only; the transformers-format release carries the original tokenizer.
 TOKENIZER_REPO = "jingyaogong/MiniMind2-V"
@@ -126,8 +127,7 @@ def _hub_call(description: str, fn: Callable[..., Any], *args: Any, **kwargs: An
         raise UserError(f"cannot download {description}: {reason}, and it is not in the download folder yet "
                         "(connect to the internet, then run again: downloads resume)") from None
     except HfHubHTTPError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot download {description}: {first_line}")
+        raise UserError(f"cannot download {description}: {first_line(err)}")
 
 
 def _offline() -> bool:

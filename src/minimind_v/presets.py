@@ -5,30 +5,29 @@ from __future__ import annotations
 import copy
 
 from minimind_v.errors import UserError
-from minimind_v.model.config import LMConfig, VisionConfig, VLMConfig
+from minimind_v.model.config import CLIP_B16, LMConfig, VisionConfig, VLMConfig
+from minimind_v.modeldir import VISION_DIR
 
-_CLIP_B16 = VisionConfig(name_or_path="openai/clip-vit-base-patch16", hidden_size=768, image_size=224, num_patches=196)
+_CLIP_TOWER = VisionConfig(name_or_path=CLIP_B16, hidden_size=768, image_size=224, num_patches=196)
 
 PRESETS: dict[str, VLMConfig] = {
     # The original MiniMind2-Small-V: 26M LLM + frozen CLIP ViT-B/16.
-    "minimind2-small-v": VLMConfig(lm=LMConfig(hidden_size=512, num_hidden_layers=8), vision=_CLIP_B16),
+    "minimind2-small-v": VLMConfig(lm=LMConfig(hidden_size=512, num_hidden_layers=8), vision=_CLIP_TOWER),
     # The original MiniMind2-V: 104M LLM.
-    "minimind2-v": VLMConfig(lm=LMConfig(hidden_size=768, num_hidden_layers=16), vision=_CLIP_B16),
+    "minimind2-v": VLMConfig(lm=LMConfig(hidden_size=768, num_hidden_layers=16), vision=_CLIP_TOWER),
     # The original MoE variant: 4 routed experts, top-2, one shared expert.
     "minimind2-small-v-moe": VLMConfig(lm=LMConfig(hidden_size=512, num_hidden_layers=8, use_moe=True),
-                                       vision=_CLIP_B16),
+                                       vision=_CLIP_TOWER),
     # For tests and the CPU quickstart: a CLIP tower trained from scratch on 48x48 images in 16x16 patches, so
     # each cell of the synthetic world's 3x3 grid is exactly one patch (9 image tokens). The tower has no
-    # transformer layer (patch embedding + position + LayerNorm; the projector's MLP is the nonlinearity): in
-    # prototype runs on 2 CPU cores a 1-layer tower learned colours slower. Its position embeddings start at std
-    # 0.5 rather than 0.02, so that a patch's position is not ~4% of its embedding; with length-grouped batches
-    # this helped colour in scripts/probe_world.py (72% vs 26% at ~1,250 steps), with random batches it did
-    # not (28% vs 24%): single runs, not yet a settled result.
+    # transformer layer (patch embedding + position + LayerNorm; the projector's MLP is the nonlinearity). Its
+    # position embeddings start at std 0.5 rather than 0.02, so that a patch's position is not ~4% of its
+    # embedding. docs/experiments.md ("The tiny preset's tower, ...") has the runs behind both choices.
     "tiny": VLMConfig(
         lm=LMConfig(vocab_size=1024, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=2048),
         vision=VisionConfig(
-            name_or_path="vision",
+            name_or_path=VISION_DIR,
             init={"model_type": "clip_vision_model", "hidden_size": 128, "intermediate_size": 256,
                   "num_hidden_layers": 0, "num_attention_heads": 4, "image_size": 48, "patch_size": 16,
                   "num_channels": 3},

@@ -74,11 +74,10 @@ def _template(name: str) -> Any:
 
 
 def export_hf(model_dir: str | Path, out: str | Path) -> None:
-    from minimind_v.data.images import load_image_processor
     from minimind_v.constants import IMAGE_MARKER
     from minimind_v.data.tokenizer import load_tokenizer, save_tokenizer
-    from minimind_v.model.vlm import MiniMindVLM
-    from minimind_v.fileio import normal_modes_for_new_files
+    from minimind_v.fileio import atomic_write_text, normal_modes_for_new_files
+    from minimind_v.modeldir import MiniMindVLM, load_image_processor, write_preprocessor_config
 
     out = _output_dir(out)
     model = MiniMindVLM.from_pretrained(model_dir)
@@ -96,18 +95,20 @@ def export_hf(model_dir: str | Path, out: str | Path) -> None:
     for name in CODE_FILES:
         shutil.copyfile(TEMPLATE / name, out / name)
     save_tokenizer(tokenizer, out)
-    processor.save(out)
+    write_preprocessor_config(out, processor.to_config(), final_newline=False)
     settings = {"processor_class": "MiniMindVProcessor", "auto_map": {"AutoProcessor": AUTO_MAP["AutoProcessor"]},
                 "image_marker": IMAGE_MARKER, "image_token_id": config.image_token_id,
                 "image_token_len": config.image_token_len, "images_first": config.images_first}
-    (out / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    atomic_write_text(out / "processor_config.json", json.dumps(settings, indent=2) + "\n")
 
 
 def hf_config(model: Any, tokenizer: Any) -> Any:
     """Our VLMConfig (and the tower's own config) as the template's MiniMindVConfig."""
+    from minimind_v.constants import END_TOKENS
+
     cfg = model.cfg
     vocab = tokenizer.get_vocab()
-    ends = [vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab]
+    ends = [vocab[t] for t in END_TOKENS if t in vocab]
     tower = model.vision.model.config.to_dict()
     tower = {k: v for k, v in tower.items() if not k.startswith("_") and k not in ("transformers_version",
                                                                                     "architectures")}
@@ -125,15 +126,15 @@ def hf_config(model: Any, tokenizer: Any) -> Any:
 
 
 def import_hf(src: str | Path, out: str | Path) -> None:
+    from minimind_v.fileio import atomic_write
     from minimind_v.model.config import LMConfig, VisionConfig, VLMConfig
-    from minimind_v.model.vlm import MiniMindVLM
-    from minimind_v.modeldir import read_weights
+    from minimind_v.modeldir import EMBED_KEY, PREPROCESSOR_FILE, TIED_KEY, VISION_DIR, MiniMindVLM, read_weights
 
     src, out = Path(src), _output_dir(out)
     data = _read_export_config(src)
     try:
         settings = data["vision_settings"]
-        vision = VisionConfig(name_or_path="vision", init=data["vision_tower_config"],
+        vision = VisionConfig(name_or_path=VISION_DIR, init=data["vision_tower_config"],
                               hidden_size=data["vision_hidden_size"], **settings)
         cfg = VLMConfig(lm=LMConfig(**data["lm"]), vision=vision, projector=data["projector"],
                         image_token=data["image_token"], image_token_id=data["image_token_id"],
@@ -142,7 +143,7 @@ def import_hf(src: str | Path, out: str | Path) -> None:
         raise UserError(f"{src / 'config.json'}: not a minimind-v export ({type(err).__name__}: {err})") from None
     model = MiniMindVLM(cfg)
     state = read_weights(src / "model.safetensors")
-    state.setdefault("lm.lm_head.weight", state.get("lm.embed_tokens.weight"))  # tied: stored once
+    state.setdefault(TIED_KEY, state.get(EMBED_KEY))  # tied: stored once
     missing, unexpected = _key_diff(model.state_dict(), state)
     if missing or unexpected:
         raise UserError(f"{src / 'model.safetensors'}: weights do not match config.json; missing: "
@@ -153,7 +154,7 @@ def import_hf(src: str | Path, out: str | Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, Path(out) / name)
-    shutil.copyfile(src / "preprocessor_config.json", Path(out) / "vision" / "preprocessor_config.json")
+    atomic_write(out / VISION_DIR / PREPROCESSOR_FILE, lambda tmp: shutil.copyfile(src / PREPROCESSOR_FILE, tmp))
 
 
 def _output_dir(out: str | Path) -> Path:

@@ -34,12 +34,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from minimind_v.data.formats import BadSample
+from minimind_v.data.formats import BadSample, ImageRef
 from minimind_v.data.images import load_image
 from minimind_v.fileio import atomic_write_text
-
-ImageRef = str | os.PathLike | bytes
-"""An image as the data layer names it: a file path, or the encoded bytes themselves (parquet)."""
 
 DTYPE = np.float16
 INDEX_VERSION = 1

@@ -17,14 +17,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import numpy as np
 
 from minimind_v.errors import UserError
 
-ImageRef = Union[str, bytes]
-"""An image as the data names it: a path relative to the image folder, or the encoded file's bytes."""
+ImageRef = str | os.PathLike | bytes
+"""An image as the data names it: a path (relative to the image folder as read, resolved once checked), or
+the encoded file's bytes (parquet)."""
 
 ROLE_ALIASES = {"user": "user", "assistant": "assistant", "system": "system",
                 "human": "user", "gpt": "assistant"}

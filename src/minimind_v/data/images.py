@@ -17,7 +17,6 @@ path elsewhere, no symlink leading out).
 from __future__ import annotations
 
 import io
-import json
 import os
 import stat
 import warnings
@@ -34,6 +33,8 @@ from minimind_v.errors import UserError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RESCALE_FACTOR = 1 / 255
+"""Pixel values 0-255 -> 0-1, every tower family's first step."""
 DEFAULT_MAX_PIXELS = 64_000_000
 
 
@@ -49,7 +50,7 @@ class ImagePreprocessor:
     """Output width."""
     mean: tuple[float, ...] = CLIP_MEAN
     std: tuple[float, ...] = CLIP_STD
-    rescale_factor: float = 1 / 255
+    rescale_factor: float = RESCALE_FACTOR
     resample: int = Image.Resampling.BICUBIC
 
     @classmethod
@@ -65,7 +66,7 @@ class ImagePreprocessor:
         width = crop.get("width", shortest) if crops else size.get("width", shortest)
         return cls(shortest_edge=shortest if "shortest_edge" in size else None, height=int(height), width=int(width),
                    mean=tuple(config.get("image_mean", CLIP_MEAN)), std=tuple(config.get("image_std", CLIP_STD)),
-                   rescale_factor=float(config.get("rescale_factor", 1 / 255)),
+                   rescale_factor=float(config.get("rescale_factor", RESCALE_FACTOR)),
                    resample=int(config.get("resample", Image.Resampling.BICUBIC)))
 
     @classmethod
@@ -87,9 +88,6 @@ class ImagePreprocessor:
                 "crop_size": {"height": self.height, "width": self.width}, "do_rescale": True,
                 "rescale_factor": self.rescale_factor, "do_normalize": True, "image_mean": list(self.mean),
                 "image_std": list(self.std), "resample": self.resample, "do_convert_rgb": True}
-
-    def save(self, directory: str | Path) -> None:
-        Path(directory, "preprocessor_config.json").write_text(json.dumps(self.to_config(), indent=2))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """An RGB PIL image -> (3, height, width) float32, normalised."""
@@ -179,8 +177,7 @@ class ImageFolder:
     Resolving a path follows every component (one lstat each), and a data set resolves every sample's
     image in its up-front pass and again every epoch. The folder and each directory under it are resolved
     once per ImageFolder; a name then costs one lstat when it is a plain file, and anything else (a symbolic
-    link, a missing or odd name) takes the full resolution and its checks. On the quickstart's 16,000
-    samples (2 CPU cores): the trainer's set-up ~9 s shorter, a batch of 32 loaded in ~8 ms instead of ~12.
+    link, a missing or odd name) takes the full resolution and its checks (docs/experiments.md: what it saves).
     """
 
     def __init__(self, images_dir: Path) -> None:
@@ -236,12 +233,3 @@ def load_image(image: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) 
         raise BadSample("image_too_large", f"{label}: {err}") from None
     except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as err:
         raise BadSample("bad_image", f"{label}: cannot decode ({err})") from None
-
-
-def load_image_processor(model_dir: str | Path, config: Any) -> ImagePreprocessor:
-    """The preprocessing of a model directory's tower (its vision/ folder, or the referenced tower)."""
-    vision = config.vision
-    own = Path(model_dir) / "vision"
-    if vision.name_or_path == "vision" or (own / "preprocessor_config.json").is_file():
-        return ImagePreprocessor.from_pretrained(own)
-    return ImagePreprocessor.from_pretrained(vision.name_or_path)

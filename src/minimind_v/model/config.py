@@ -62,11 +62,15 @@ class LMConfig:
         return 64 * math.ceil(int(self.hidden_size * 8 / 3) / 64)
 
 
+CLIP_B16 = "openai/clip-vit-base-patch16"
+"""The original's vision tower: CLIP ViT-B/16 on the Hugging Face Hub."""
+
+
 @dataclass
 class VisionConfig:
     """The vision tower: a Hugging Face CLIP or SigLIP vision model."""
 
-    name_or_path: str = "openai/clip-vit-base-patch16"
+    name_or_path: str = CLIP_B16
     """Hub id or directory of a pretrained tower; "vision" means the model directory's own vision/ folder."""
     init: dict[str, Any] | None = None
     """Build a randomly initialised tower from these Hugging Face config values instead (model_type key required)."""
