@@ -13,7 +13,7 @@ from minimind_v import cli
 from minimind_v.data.template import build_prompt
 from minimind_v.errors import UserError
 from minimind_v.infer.engine import Engine, SamplingParams
-from minimind_v.model.vlm import MiniMindVLM
+from minimind_v.modeldir import MiniMindVLM
 from minimind_v.modeldir import read_config
 
 
@@ -278,3 +278,62 @@ def test_the_export_config_defaults_are_lmconfig_defaults():
     from minimind_v.model.config import LMConfig
 
     assert LM_DEFAULTS == dataclasses.asdict(LMConfig())
+
+
+def test_lm_defaults_are_the_lmconfig_field_defaults_field_by_field():
+    """LM_DEFAULTS repeats LMConfig's defaults (the template may not import minimind_v): same keys, same values."""
+    import dataclasses
+
+    from minimind_v.convert.hf_template.configuration_minimind_v import LM_DEFAULTS
+    from minimind_v.model.config import LMConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(LMConfig)}
+    assert set(LM_DEFAULTS) == set(fields)
+    for name, default in fields.items():
+        assert LM_DEFAULTS[name] == default, name
+        assert type(LM_DEFAULTS[name]) is type(default), name  # 1e6 and 1000000 would differ in config.json
+
+
+def test_the_template_config_defaults_are_vlmconfig_and_visionconfig_defaults():
+    """MiniMindVConfig() stands for VLMConfig() when an export lacks a key: every repeated default agrees."""
+    from minimind_v.convert.hf_template.configuration_minimind_v import MiniMindVConfig
+    from minimind_v.model.config import VLMConfig
+
+    ours, theirs = VLMConfig(), MiniMindVConfig()
+    for name in ("projector", "image_token", "image_token_id", "image_token_len", "images_first"):
+        assert getattr(theirs, name) == getattr(ours, name), name
+    assert theirs.vision_hidden_size == ours.vision.hidden_size
+    assert theirs.vision_settings == {k: getattr(ours.vision, k) for k in ("image_size", "num_patches", "freeze")}
+
+
+@pytest.mark.parametrize("lm", [{}, {"hidden_size": 768}, {"hidden_size": 768, "num_attention_heads": 8,
+                                                             "intermediate_size": 2432}])
+def test_the_template_derives_head_dim_and_ffn_size_as_lmconfig_does(lm):
+    import dataclasses
+
+    from minimind_v.convert.hf_template.configuration_minimind_v import MiniMindVConfig
+    from minimind_v.model.config import LMConfig
+
+    ours, theirs = LMConfig(**lm), MiniMindVConfig(lm=lm)
+    assert (theirs.head_dim, theirs.ffn_size) == (ours.head_dim, ours.ffn_size)
+    assert theirs.lm == dataclasses.asdict(ours)
+
+
+def test_the_template_knows_the_same_tower_families_and_image_marker():
+    import inspect
+
+    from minimind_v.constants import IMAGE_MARKER
+    from minimind_v.convert.hf_template.modeling_minimind_v import TOWERS
+    from minimind_v.convert.hf_template.processing_minimind_v import MiniMindVProcessor
+    from minimind_v.model.vision import FAMILIES
+
+    assert set(TOWERS) == set(FAMILIES)
+    assert inspect.signature(MiniMindVProcessor).parameters["image_marker"].default == IMAGE_MARKER
+
+
+def test_the_export_writes_every_setting_the_processor_reads(exported):
+    from minimind_v.constants import IMAGE_MARKER
+    from minimind_v.convert.hf_template.processing_minimind_v import SETTINGS
+
+    settings = json.loads((exported / "processor_config.json").read_text())
+    assert set(SETTINGS) <= set(settings) and settings["image_marker"] == IMAGE_MARKER
