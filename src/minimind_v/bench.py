@@ -26,7 +26,7 @@ import math
 import random
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -43,9 +43,12 @@ from minimind_v.errors import UserError
 from minimind_v.model.config import VLMConfig
 from minimind_v.model.vlm import MiniMindVLM
 from minimind_v.presets import get_preset
+from minimind_v.train import optim
+from minimind_v.train.config import TrainConfig, for_stage
 from minimind_v.train.freezing import apply_policy
-from minimind_v.train.optim import build_optimizer
+from minimind_v.train.run import build_optimizer
 from minimind_v.train.stages import get_stage
+from minimind_v.train.step import Precision, apply_gradients, backward, supervised_tokens, train_step
 
 # Text around the image in one sample, in tokens: (prompt lo, hi), (answer lo, hi). Pretrain is the
 # original's caption data (196 image tokens + ~44 text), SFT its conversations (~300 tokens in all).
@@ -228,15 +231,18 @@ def naive_inputs(batch: Batch, max_len: int, device: torch.device) -> tuple[Tens
     return ids[:, :-1].to(device), ids[:, 1:].to(device), mask[:, 1:].to(device)
 
 
-def naive_loss(model: nn.Module, batch: Batch, max_len: int, device: torch.device) -> Tensor:
+def naive_loss(model: nn.Module, batch: Batch, max_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(mean CE over the masked targets, MoE aux loss), the original's way."""
     x, y, mask = naive_inputs(batch, max_len, device)
     out = model(x, pixel_values=batch.pixels)  # tower on every step, logits at every position
     ce = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten(), reduction="none").view(y.shape)
-    return (ce * mask).sum() / mask.sum() + out.aux_loss
+    return (ce * mask).sum() / mask.sum(), out.aux_loss
 
 
 def fast_inputs(batch: Batch, device: torch.device, multiple: int) -> tuple[Tensor, Tensor]:
-    """Right-padded to the batch's longest sample (rounded up to `multiple`); padding is never supervised."""
+    """Right-padded to the batch's longest sample (rounded up to `multiple`); padding is never supervised.
+    Right padding under a causal mask needs no attention mask (real tokens never see the pads), so
+    attention keeps SDPA's fused causal path."""
     longest = max(len(s.input_ids) for s in batch.samples)
     width = -(-longest // multiple) * multiple
     ids = torch.zeros(len(batch.samples), width, dtype=torch.long)
@@ -247,32 +253,20 @@ def fast_inputs(batch: Batch, device: torch.device, multiple: int) -> tuple[Tens
     return ids.to(device), labels.to(device)
 
 
-def fast_loss(model: nn.Module, batch: Batch, device: torch.device, multiple: int) -> Tensor:
-    ids, labels = fast_inputs(batch, device, multiple)
-    # Right padding under a causal mask: real tokens never see the pads, so no attention mask is needed
-    # and attention keeps SDPA's fused causal path.
-    out = model(ids, labels=labels, image_features=batch.features, logits_to_keep="none")
-    return out.loss
-
-
 def time_mode(mode: str, s: Setup, opts: BenchOptions) -> dict[str, Any]:
     model, device = s.model, s.device
-    stage = get_stage(opts.stage)
     cuda = device.type == "cuda"
     compiled = mode == "fast" and (opts.compile == "on" or (opts.compile == "auto" and cuda))
-    if mode == "fast":
-        optimizer = build_optimizer(model, stage.lr, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8)
-        multiple = 64 if compiled else 1  # few distinct shapes, so few recompilations
-        loss_fn: Callable[[Batch], Tensor] = lambda b: fast_loss(model, b, device, multiple)
-    else:
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=stage.lr)
-        loss_fn = lambda b: naive_loss(model, b, s.max_len, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    cfg = for_stage(TrainConfig(stage=opts.stage, model=s.cfg))
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
     with _compiled_blocks(model, compiled):
-        losses, seconds, cpu_seconds = _timed_steps(loss_fn, optimizer, model, s.batches, opts.warmup, autocast, device)
+        if mode == "fast":
+            losses, seconds, cpu_seconds = _timed_fast(model, cfg, s.batches, opts.warmup, device,
+                                                       multiple=64 if compiled else 1)  # few shapes to compile
+        else:
+            losses, seconds, cpu_seconds = _timed_naive(model, cfg, s.batches, opts.warmup, s.max_len, device)
     timed = [x for b in s.batches[opts.warmup:] for x in b.samples]
     flops = sum(sample_flops(s.cfg, x, opts.stage) for x in timed)
     peak = next((p for name, p in BF16_PEAKS if name in _device_name(device)), None) if cuda else None
@@ -290,22 +284,37 @@ def time_mode(mode: str, s: Setup, opts: BenchOptions) -> dict[str, Any]:
     }
 
 
-def _timed_steps(loss_fn: Callable[[Batch], Tensor], optimizer: torch.optim.Optimizer, model: nn.Module,
-                 batches: list[Batch], warmup: int, autocast: contextlib.AbstractContextManager,
-                 device: torch.device) -> tuple[list[float], float, float]:
-    """One optimizer step per batch (forward, backward, clip, step); wall and CPU seconds after warmup."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+def _timed_fast(model: nn.Module, cfg: TrainConfig, batches: list[Batch], warmup: int, device: torch.device,
+                multiple: int) -> tuple[list[float], float, float]:
+    """The trainer's own optimizer and step (train/step.py) on each batch; wall and CPU seconds after warmup."""
+    optimizer = build_optimizer(model, cfg)
+    precision = Precision.choose(cfg.dtype, device)
     losses, start, cpu_start = [], _now(device), time.process_time()
     for i, batch in enumerate(batches):
         if i == warmup:
             start, cpu_start = _now(device), time.process_time()
-        with autocast:
-            loss = loss_fn(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        ids, labels = fast_inputs(batch, device, multiple)
+        inputs = {"input_ids": ids, "labels": labels, "image_features": batch.features}
+        ce_sum, _ = train_step(model, [inputs], optimizer, precision, cfg.grad_clip, device)
+        losses.append(float(ce_sum) / supervised_tokens(inputs))
+    return losses, _now(device) - start, time.process_time() - cpu_start
+
+
+def _timed_naive(model: nn.Module, cfg: TrainConfig, batches: list[Batch], warmup: int, max_len: int,
+                 device: torch.device) -> tuple[list[float], float, float]:
+    """The original's loop on each batch, ending in the trainer's gradient step, with the original's AdamW
+    (weight decay 0.01, betas 0.9/0.999, the unfused kernel) and clipping at 1."""
+    optimizer = optim.build_optimizer(model, cfg.lr, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8, fused=False)
+    precision = Precision.choose(cfg.dtype, device)
+    losses, start, cpu_start = [], _now(device), time.process_time()
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            start, cpu_start = _now(device), time.process_time()
+        with precision.autocast():
+            ce, aux = naive_loss(model, batch, max_len, device)
+        backward(ce + aux, precision)
+        apply_gradients(optimizer, precision, 1.0)
+        losses.append(float(ce.detach()))
     return losses, _now(device) - start, time.process_time() - cpu_start
 
 

@@ -33,13 +33,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float) -> torch.optim.AdamW:
+                    eps: float, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of `model`; `fused`: the one-launch kernel where the parameters
+    are on CUDA (it exists for CUDA tensors only)."""
     groups = param_groups(model, weight_decay)
     if not groups:
         raise ValueError("no trainable parameters: the freezing policy left nothing to train")
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    # The fused kernel updates all tensors in one launch; it exists for CUDA tensors only.
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=on_cuda or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=(fused and on_cuda) or None)
 
 
 def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
