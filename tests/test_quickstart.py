@@ -5,9 +5,11 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from minimind_v import cli, quickstart
-from minimind_v.model.vlm import MiniMindVLM
-from minimind_v.quickstart import QuickstartOptions, Recipe, main, prepare_out, steps_for
+from minimind_v import cli
+from minimind_v.modeldir import MiniMindVLM
+from minimind_v.quickstart import QuickstartOptions, Recipe, main, prepare_out
+from minimind_v.train import budget
+from minimind_v.train.budget import steps_for
 
 
 def test_quickstart_runs_end_to_end_and_writes_a_model(tmp_path, capsys):
@@ -72,11 +74,11 @@ def test_thread_choice_survives_a_moment_of_contention(monkeypatch):
         seen.append(torch.get_num_threads())
         return next(timings)
 
-    monkeypatch.setattr(quickstart, "time_one_step", fake_step)
+    monkeypatch.setattr(budget, "time_one_step", fake_step)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert quickstart.fastest_threads(None, 8, 64, 0.25) == (2, 0.30)
+        assert budget.fastest_threads(None, 8, 64, 0.25) == (2, 0.30)
         assert seen == [1, 2, 1, 2, 1, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)

@@ -1,22 +1,14 @@
 """`minimind-v quickstart`: the whole pipeline on the synthetic world, on a CPU, within --minutes.
 
-synth -> tokenizer -> the tiny preset's CLIP tower pretrained on its own (train/tower.py: each
+synth -> tokenizer -> the tiny preset's CLIP tower pretrained on its own (data/synth/tower.py: each
 patch names the colour, shape, size and colour-shape pair in its grid cell; seconds) and then
 frozen, as CLIP is in the real recipe -> the real trainer's SFT stage on questions and answers,
 the language model (2 layers here) and the projector learning from scratch -> exact-match
 evaluation on held-out scenes -> a sample chat -> accuracy against minutes and the loss curve.
 
-Why this recipe (measured; numbers in the README): through a from-scratch language model the tower
-never learned shape or size (chance after thousands of steps), while on its own it learns them in
-a few hundred steps; 2 layers train ~1.7x faster per step than 4 and did better in the same time;
-the questions that need an object found by its name (relations, existence, position, counting by
-colour) are the slow ones, so the QA mix asks them more often; with queries and keys RMS-normalised per
-head (qk_norm) and twice the learning rate, those lookups are learned long before the end (the training
-loss a quarter of what it was at the same step), where before a run often ended with one half-learned. There
-is no caption stage: the real recipe's pretraining aligns a projector to a language model that already
-knows language, while here both start from nothing, and captions taught nothing the questions needed
-(0% on them after the stage; the run without it reached 98.8% short answers, the best of its recipe's
-runs at 89.7-97.2%).
+Why each choice of the Recipe: docs/experiments.md ("The quickstart's recipe"); in short, a tower
+trained only through a language model that is itself learning never separates shape or size, the
+questions that find an object by its name are the slow ones, and qk_norm lets a higher rate learn them.
 
 The time budget is kept by measuring, not by guessing: every phase is timed, training steps of the
 real model at the data's mean length are timed before training, and training gets the steps that
@@ -36,10 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from minimind_v.constants import IGNORE_INDEX
 from minimind_v.errors import UserError
 
 MARKER = "quickstart.json"
@@ -48,7 +38,7 @@ MARKER = "quickstart.json"
 
 @dataclass
 class Recipe:
-    """How the quickstart trains; the defaults were chosen by experiment (see the README's quickstart section)."""
+    """How the quickstart trains; docs/experiments.md records how each default was chosen."""
 
     qa_samples: int = 16000
     """Question-answer scenes to train on (1 to max_turns questions each)."""
@@ -57,9 +47,8 @@ class Recipe:
     max_turns: int = 8
     """Questions per QA sample; the image and the system turn are paid for once for all of them."""
     type_weights: str = "count=2,size=3,position=3,exist=3,left_of=5,above=5"
-    """Question mix of the QA stage: the questions that need the object found by its name come more often
-    (colour, shape and descriptions are learned first and need less). Size too: with qk_norm and the higher
-    rate it was the last skill learned (at chance at step 2,900 in two runs, learned by the end in one only)."""
+    """Question mix of the QA stage: the skills learned last come more often (colour, shape and descriptions
+    are learned first and need less)."""
     test_samples: int = 300
     """Held-out QA samples for the final evaluation."""
     curve_samples: int = 96
@@ -69,14 +58,14 @@ class Recipe:
     layers: int = 2
     """Decoder layers of the tiny language model (the preset has 4)."""
     tower_steps: int = 400
-    """Steps of the tower's supervised pretraining (train/tower.py); the tower is frozen afterwards."""
+    """Steps of the tower's supervised pretraining (data/synth/tower.py); the tower is frozen afterwards."""
     batch_size: int = 32
     """Samples per step."""
     lr: float = 1.4e-3
-    """Peak learning rate: twice the best without qk_norm (there, 1e-3 did worse than 7e-4 on each of 3 seeds)."""
+    """Peak learning rate (qk_norm keeps the attention logits in range at this rate)."""
     qk_norm: bool = True
     """RMSNorm on each head's queries and keys (LMConfig.qk_norm), which keeps the attention logits in range at
-    the higher rate. Adopted together with it (not separated): training loss 0.018 at step 3,100, ~0.065 before."""
+    the higher learning rate."""
     checkpoints: int = 3
     """Checkpoints evaluated for the curve (besides the final model)."""
     device: str = "cpu"
@@ -181,104 +170,18 @@ def world_model(cfg: Any, recipe: Recipe) -> Any:
 
 
 def pretrain_world_tower(data: Path, cfg: Any, recipe: Recipe, out: Path, seed: int) -> dict[str, Any]:
-    """The tiny preset's tower from scratch, taught what each grid cell holds (train/tower.py) in the first
+    """The tiny preset's tower from scratch, taught what each grid cell holds (data/synth/tower.py) in the first
     recipe.tower_samples scenes of `data`, saved to OUT/vision."""
-    from minimind_v.data import synth
-    from minimind_v.data.images import ImagePreprocessor, load_image
+    from minimind_v.data.synth.tower import pretrain_tower, world_tower_data
     from minimind_v.model.vision import VisionTower
     from minimind_v.modeldir import save_tower
-    from minimind_v.train.tower import pretrain_tower, world_labels
 
     torch.manual_seed(seed)
-    preprocess = ImagePreprocessor.for_image_size(cfg.vision.image_size)
-    records = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()[:recipe.tower_samples]]
-    pixels = torch.from_numpy(np.stack([preprocess.array(load_image(data.parent / "images" / r["image"]))
-                                        for r in records]))
-    labels = world_labels([synth.scene_from_record(r["scene"]) for r in records])
+    pixels, labels = world_tower_data(data, recipe.tower_samples, cfg.vision.image_size)
     tower = VisionTower(cfg.vision)
     report = pretrain_tower(tower, pixels, labels, recipe.tower_steps, recipe.batch_size, seed=seed)
     save_tower(tower, out, cfg.vision.image_size)
     return vars(report)
-
-
-@dataclass
-class Shape:
-    """What a training sample costs, from the first samples of the data."""
-
-    tokens: float
-    """Mean length in tokens, chat template and image placeholders included."""
-    supervised: float
-    """Share of those tokens that are answer tokens (the only ones the output head runs on)."""
-    setup_s: float
-    """Seconds of the trainer's set-up per sample: templating and tokenising, decoding the image."""
-
-
-def sample_shape(data: Path, tokenizer: Any, cfg: Any, n: int = 200) -> Shape:
-    from minimind_v.data.formats import open_dataset
-    from minimind_v.data.images import ImageFolder, ImagePreprocessor, load_image
-    from minimind_v.data.template import encode_conversation
-
-    began = time.perf_counter()
-    reader = open_dataset(data)
-    samples = [reader[i] for i in range(min(n, len(reader)))]
-    encoded = [encode_conversation(tokenizer, s.conversations, cfg, len(s.images), 4096) for s in samples]
-    preprocess = ImagePreprocessor.for_image_size(cfg.vision.image_size)
-    folder = ImageFolder(reader.images_dir)  # synth writes paths relative to the image folder
-    for ref in (ref for s in samples for ref in s.images):
-        preprocess.array(load_image(folder.resolve(ref)))
-    tokens = sum(len(e.input_ids) for e in encoded)
-    supervised = sum(sum(1 for label in e.labels if label != IGNORE_INDEX) for e in encoded)
-    return Shape(tokens / len(encoded), supervised / max(tokens, 1), (time.perf_counter() - began) / len(samples))
-
-
-def time_one_step(cfg: Any, batch_size: int, seq_len: int, supervised: float) -> float:
-    """Seconds for one training step (forward, backward, AdamW) of the real model on a batch of this shape,
-    `supervised` of each row's tokens labelled."""
-    from minimind_v.model.vlm import MiniMindVLM
-
-    model = MiniMindVLM(cfg)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    seq_len = max(seq_len, cfg.image_token_len + 4)
-    ids = torch.randint(4, cfg.lm.vocab_size, (batch_size, seq_len))
-    ids[:, 2:2 + cfg.image_token_len] = cfg.image_token_id
-    answers = max(1, round(supervised * seq_len))
-    labels = ids.clone()
-    labels[:, :seq_len - answers] = IGNORE_INDEX
-    pixels = torch.randn(batch_size, 3, cfg.vision.image_size, cfg.vision.image_size)
-
-    def step() -> None:
-        out = model(ids, pixel_values=pixels, labels=labels, logits_to_keep="none")
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()  # the first step allocates; time the next ones
-    began = time.perf_counter()
-    for _ in range(2):
-        step()
-    return (time.perf_counter() - began) / 2
-
-
-def fastest_threads(cfg: Any, batch_size: int, seq_len: int, supervised: float,
-                    rounds: int = 3) -> tuple[int, float]:
-    """Set torch's thread count to the faster of 1 and all cores, measured on the real step.
-
-    On an idle machine all cores win; on a busy one (other jobs on the same cores) the threads of one
-    step wait for each other and a single thread can be several times faster. The counts are timed in
-    turn for a few rounds and each is judged by its fastest round: from one round each, a moment of
-    contention (another process starting) once made one thread look faster, and the whole run went at
-    half speed.
-    """
-    timings: dict[int, list[float]] = {threads: [] for threads in sorted({1, torch.get_num_threads()})}
-    for _ in range(rounds):
-        for threads, seconds in timings.items():
-            torch.set_num_threads(threads)
-            seconds.append(time_one_step(cfg, batch_size, seq_len, supervised))
-    fastest = {threads: min(seconds) for threads, seconds in timings.items()}
-    best = min(fastest, key=fastest.__getitem__)
-    torch.set_num_threads(best)
-    return best, fastest[best]
 
 
 @dataclass
@@ -291,6 +194,8 @@ class TrainingRun:
     """The whole call: set-up (reading and tokenising the data, building the model) and training."""
     train_s: float
     """The training loop alone, from the trainer's metrics."""
+    setup_s: float
+    """The trainer's set-up before its loop (reading the data, building the model): wall_s - train_s."""
     tokens: int
     """Tokens trained on (padding included), from the trainer's metrics."""
 
@@ -319,85 +224,11 @@ def train_world(data: Path, n_samples: int, run_dir: Path, model_cfg: Any, start
     train(cfg, start, settings, distributed.setup(recipe.device))
     wall = time.perf_counter() - began
     last = read_metrics(run_dir / "metrics.jsonl")[-1]
-    return TrainingRun("sft", last["step"], round(wall, 2), float(last["elapsed"]), int(last["tokens"]))
+    return TrainingRun("sft", last["step"], round(wall, 2), float(last["elapsed"]), round(wall - last["elapsed"], 2),
+                       int(last["tokens"]))
 
 
-def steps_for(seconds: float, seconds_per_step: float, setup_s: float) -> int:
-    return max(1, int((seconds - setup_s) / seconds_per_step))
-
-
-# --- evaluation, chat, curves ----------------------------------------------------------------
-
-def checkpoint_engines(run_dir: Path) -> list[tuple[Path, Any]]:
-    """An engine per saved checkpoint of a stage: the stage's final model with the checkpoint's weights."""
-    from safetensors.torch import load_file
-
-    from minimind_v.infer.engine import Engine
-
-    engines = []
-    for path in sorted((run_dir / "checkpoints").glob("step-*")):
-        engine = Engine.load(run_dir / "model", "cpu")
-        weights = load_file(str(path / "trainable.safetensors"))
-        missing, unexpected = engine.model.load_state_dict(weights, strict=False)
-        if unexpected:
-            raise RuntimeError(f"{path}: unexpected weights {unexpected[:4]}")
-        engines.append((path, engine))
-    return engines
-
-
-def curve_point(stage: str, step: int, minutes: float, report: dict[str, Any]) -> dict[str, Any]:
-    """One point of the accuracy curve: an evaluation report's exact match (all, short, long) at a minute."""
-    return {"stage": stage, "step": step, "minutes": round(minutes, 3), "exact_match": report["exact_match"],
-            "short": report["short"]["exact_match"], "long": report["long"]["exact_match"]}
-
-
-def accuracy_curve(run_dir: Path, test: Path, limit: int, wall_start: float) -> list[dict[str, Any]]:
-    """Held-out exact match at every checkpoint, against the wall-clock minute the checkpoint was written."""
-    from minimind_v.evaluate import evaluate
-
-    points = []
-    for path, engine in checkpoint_engines(run_dir):
-        report, _ = evaluate(run_dir / "model", test, limit=limit, engine=engine)
-        minutes = ((path / "state.json").stat().st_mtime - wall_start) / 60
-        points.append(curve_point(run_dir.name, int(path.name.split("-")[1]), minutes, report))
-    return points
-
-
-def plot_curves(points: list[dict[str, Any]], metrics: list[dict[str, Any]], began_min: float, out: Path) -> None:
-    """accuracy.png (exact match against minutes) and loss.png (the training loss against minutes; training
-    began `began_min` minutes after the quickstart)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for key, label in (("short", "short answers"), ("long", "descriptions"), ("exact_match", "all")):
-        xy = [(p["minutes"], 100 * p[key]) for p in points if p[key] is not None]
-        if xy:
-            ax.plot(*zip(*xy), "o-", label=label, markersize=4)
-    ax.set(xlabel="minutes since quickstart began", ylabel="held-out exact match (%)", ylim=(0, 100),
-           title="minimind-v quickstart: accuracy against time (2 CPU cores)")
-    _save(fig, ax, out / "accuracy.png")
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    xy = [(began_min + r["elapsed"] / 60, r["loss"]) for r in metrics if "loss" in r]
-    if xy:
-        ax.plot(*zip(*xy), label="training loss", linewidth=1.2)
-    ax.set(xlabel="minutes since quickstart began", ylabel="cross-entropy per answer token", yscale="log",
-           title="minimind-v quickstart: training loss")
-    _save(fig, ax, out / "loss.png")
-
-
-def _save(fig: Any, ax: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
+# --- after training ---------------------------------------------------------------------------
 
 def sample_chat(model_dir: Path, test: Path) -> list[dict[str, str]]:
     """Ask the final model about the first held-out image, in both languages."""
@@ -418,13 +249,6 @@ def sample_chat(model_dir: Path, test: Path) -> list[dict[str, str]]:
 
 # --- the command -----------------------------------------------------------------------------
 
-PLAN_SPEED = 1.1
-"""The plan assumes steps 10% faster than the timed step. Inside the trainer a step took 1.01x the timed one
-(one run), and this machine's speed drifts by more than that from minute to minute. A plan too slow ends
-training early and wastes the rest of the budget; one too fast costs little, as the trainer then decays the
-learning rate on the clock and stops at its time cap."""
-
-
 def main(opts: QuickstartOptions) -> int:
     if opts.minutes <= 0 or opts.scale <= 0:
         raise UserError("--minutes and --scale must be positive")
@@ -436,13 +260,10 @@ def main(opts: QuickstartOptions) -> int:
 
 
 def _run(opts: QuickstartOptions) -> int:
-    from minimind_v.evaluate import evaluate, write_predictions
-    from minimind_v.modeldir import embed_tower
+    from minimind_v.modeldir import VISION_DIR
     from minimind_v.train.build import resolve_start
-    from minimind_v.train.metrics import read_metrics
 
-    clock, wall_start = Clock(opts.minutes), time.time()
-    out, recipe = Path(opts.out), opts.recipe
+    clock, out, recipe = Clock(opts.minutes), Path(opts.out), opts.recipe
     prepare_out(out)
     with clock.phase("synthetic world"):
         data = write_world(out, opts.seed, recipe, opts.scale)
@@ -451,45 +272,60 @@ def _run(opts: QuickstartOptions) -> int:
     with clock.phase("vision tower"):
         fresh = resolve_start("none", "tiny", str(out / "tokenizer"), None).cfg
         tower = pretrain_world_tower(data["qa"], fresh, recipe, out, opts.seed)
-    start = resolve_start("none", "tiny", str(out / "tokenizer"), str(out / "vision"))
+    start = resolve_start("none", "tiny", str(out / "tokenizer"), str(out / VISION_DIR))
     cfg = world_model(start.cfg, recipe)
     with clock.phase("planning"):
-        shape = sample_shape(data["qa"], tokenizer, cfg)
-        samples = sum(1 for _ in open(data["qa"], encoding="utf-8"))
-        threads, step_s = fastest_threads(cfg, recipe.batch_size, round(shape.tokens), shape.supervised)
-    # Evaluation, the curve, the chat and a safety margin come after training: keep their time aside
-    # (they took 3-5 s of a 15-minute run; with 45 s kept, runs ended 40 s early; the trainer also stops at
-    # its own time cap).
+        plan = plan_training(data["qa"], tokenizer, cfg, recipe, clock)
+    with clock.phase("training: questions and answers"):
+        began_min = clock.elapsed() / 60
+        run = train_world(data["qa"], plan["samples"], out / "sft", cfg, start, plan["steps"],
+                          clock.left() - plan["reserve_s"] - plan["setup_s"], recipe, opts.seed)
+    summary = {"budget_minutes": opts.minutes, "seed": opts.seed, "tower": tower, "training": vars(run),
+               "plan": plan, **after_training(out, data["test"], run, began_min + run.setup_s / 60, recipe, clock)}
+    summary = {"minutes": round(clock.elapsed() / 60, 2), **summary, "phases_s": clock.phases}
+    (out / MARKER).write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    print_summary(summary, out)
+    return 0
+
+
+def plan_training(data: Path, tokenizer: Any, cfg: Any, recipe: Recipe, clock: Clock) -> dict[str, Any]:
+    """The steps that fit the time left, from the data's shape and the real step timed on this machine."""
+    from minimind_v.train.budget import PLAN_SPEED, fastest_threads, sample_shape, steps_for
+
+    shape = sample_shape(data, tokenizer, cfg)
+    samples = sum(1 for _ in open(data, encoding="utf-8"))
+    threads, step_s = fastest_threads(cfg, recipe.batch_size, round(shape.tokens), shape.supervised)
+    # Evaluation, the curve, the chat and a margin come after training: their time is kept aside (a few
+    # seconds of a 15-minute run; the trainer also stops at its own time cap).
     reserve = max(15.0, 0.02 * clock.budget)
     setup_s = 3 + shape.setup_s * samples
     steps = recipe.steps or steps_for(clock.left() - reserve, step_s / PLAN_SPEED, setup_s)
-    with clock.phase("training: questions and answers"):
-        run = train_world(data["qa"], samples, out / "sft", cfg, start, steps, clock.left() - reserve - setup_s,
-                          recipe, opts.seed)
+    return {"shape": vars(shape), "samples": samples, "step_s": step_s, "steps": steps, "setup_s": setup_s,
+            "reserve_s": reserve, "threads": threads}
+
+
+def after_training(out: Path, test: Path, run: TrainingRun, began_min: float, recipe: Recipe,
+                   clock: Clock) -> dict[str, Any]:
+    """OUT/model with its tower inside, the held-out evaluation, the accuracy curve, a sample chat."""
+    from minimind_v.curves import accuracy_curve, curve_point, plot_curves
+    from minimind_v.evaluate import evaluate, write_predictions
+    from minimind_v.modeldir import embed_tower
+    from minimind_v.train.metrics import read_metrics
+
     shutil.copytree(out / "sft" / "model", out / "model")
     embed_tower(out / "model")  # the tower is tiny: OUT/model works wherever it is copied
     with clock.phase("evaluation"):
-        report, items = evaluate(out / "model", data["test"])
+        report, items = evaluate(out / "model", test)
         write_predictions(items, out / "predictions.jsonl")
         (out / "eval.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
     final_point = curve_point("final", run.steps, clock.elapsed() / 60, report)
     with clock.phase("accuracy curve"):
-        points = accuracy_curve(out / "sft", data["test"], recipe.curve_samples, wall_start)
-        points.append(final_point)
+        points = accuracy_curve(out / "sft", test, recipe.curve_samples, began_min) + [final_point]
     with clock.phase("sample chat"):
-        chat = sample_chat(out / "model", data["test"])
-    metrics = out / "sft" / "metrics.jsonl"
-    began_min = metrics.stat().st_mtime / 60 - run.train_s / 60 - wall_start / 60
-    plot_curves(points, read_metrics(metrics), began_min, out)
+        chat = sample_chat(out / "model", test)
+    plot_curves(points, read_metrics(out / "sft" / "metrics.jsonl"), began_min, out, "minimind-v quickstart")
     (out / "accuracy.json").write_text(json.dumps(points, indent=2) + "\n")
-    summary = {"minutes": round(clock.elapsed() / 60, 2), "budget_minutes": opts.minutes, "seed": opts.seed,
-               "phases_s": clock.phases, "tower": tower, "training": vars(run),
-               "plan": {"shape": vars(shape), "samples": samples, "step_s": step_s, "steps": steps,
-                        "setup_s": setup_s, "reserve_s": reserve, "threads": threads},
-               "eval": report, "accuracy_curve": points, "chat": chat}
-    (out / MARKER).write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    print_summary(summary, out)
-    return 0
+    return {"eval": report, "accuracy_curve": points, "chat": chat}
 
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:

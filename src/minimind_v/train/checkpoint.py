@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minimind_v.errors import UserError, preview
+from minimind_v.errors import UserError, short_list
 from minimind_v.fileio import replace_dir
+from minimind_v.train import freezing
+from minimind_v.train.stages import get_stage
 
 _NAME = re.compile(r"^step-(\d+)$")
 
@@ -109,25 +110,29 @@ def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "state.json").read_text())
 
 
-def load_trainable(path: Path, model: nn.Module, names: set[str] | None = None) -> None:
-    """Copy checkpoint `path`'s trained weights into `model`; they must be exactly `names` (default: the
-    parameters of `model` that require grad), so a checkpoint of another run never half-loads."""
+def load_trainable(path: Path, model: nn.Module) -> None:
+    """Copy checkpoint `path`'s trained weights into `model`; they must be exactly the parameters of `model`
+    that require grad, so a checkpoint of another run never half-loads."""
     tensors = load_file(str(path / "trainable.safetensors"))
-    expected = names if names is not None else {name for name, p in model.named_parameters() if p.requires_grad}
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != expected:
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise UserError(f"{path}: trainable weights differ from this run's (freezing policy changed?); "
-                        f"missing [{preview(missing)}], unexpected [{preview(unexpected)}]")
+                        f"missing {short_list(missing, 5)}; unexpected {short_list(unexpected, 5)}")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
 
 
-def trained_names(path: Path) -> set[str]:
-    """The names of the weights checkpoint `path` holds."""
-    with safe_open(str(path / "trainable.safetensors"), "pt") as f:
-        return set(f.keys())
+def load_for_inference(path: Path, model: nn.Module) -> None:
+    """Checkpoint `path`'s weights into the final model of its run (e.g. to evaluate each checkpoint): what
+    learned is chosen by the run's own freezing policy, then loaded strictly; nothing learns afterwards."""
+    cfg = read_state(path)["config"]
+    freezing.apply_policy(model, cfg["freeze"], train_vision=not cfg["model"]["vision"]["freeze"],
+                          uses_images=get_stage(cfg["stage"]).uses_images)
+    load_trainable(path, model)
+    model.requires_grad_(False)
 
 
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,

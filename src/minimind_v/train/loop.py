@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from minimind_v.data.formats import data_file
-from minimind_v.errors import UserError, preview
+from minimind_v.errors import UserError, short_list
 from minimind_v.fileio import replace_dir
 from minimind_v.options import apply_overrides
 from minimind_v.train import build, checkpoint, distributed, optim
@@ -89,7 +89,7 @@ def prepare(config: TrainConfig, settings: RunSettings) -> tuple[TrainConfig, bu
         saved = checkpoint.read_state(resume_from)["config"]
         conflicts = resume_conflicts(saved, json.loads(json.dumps(cfg.to_dict())))
         if conflicts:
-            raise UserError(f"--resume: this command differs from the run in {out}: {preview(conflicts, sep='; ')}")
+            raise UserError(f"--resume: this command differs from the run in {out}: {short_list(conflicts, 4)}")
     elif resume_from is not None:
         raise UserError(f"--out {out}: already holds a run; add --resume to continue it, or pick a new --out")
     return cfg, start, resume_from
