@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-from minimind_v.data.batching import BatchPlan, first_fit_decreasing, make_loader
+from minimind_v.data.batching import BatchPlan, Collator, first_fit_decreasing
 from minimind_v.data.dataset import DataSettings, VLMDataset
 from minimind_v.data.formats import open_dataset
 from minimind_v.data.images import ImagePreprocessor
@@ -62,7 +63,8 @@ def token_shares(dataset: VLMDataset, batch_size: int, max_len: int) -> dict[str
 
 def loader_rate(dataset: VLMDataset, batch_size: int, workers: int) -> float:
     plan = BatchPlan(dataset.lengths, batch_size, "random", seed=0)
-    loader = make_loader(dataset, plan, pad_id=0, num_workers=workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan.batches(0), collate_fn=Collator(0),
+                                         num_workers=workers, persistent_workers=workers > 0)
     iterator = iter(loader)
     next(iterator)  # worker start-up is not throughput
     start, served = time.perf_counter(), 0

@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
-from minimind_v.data.batching import BatchPlan, make_loader
+from minimind_v.data.batching import BatchPlan, Collator
 from minimind_v.data.dataset import DataSettings, Sample, VLMDataset
 from minimind_v.data.formats import BadSample, open_dataset
 from minimind_v.data.images import ImagePreprocessor
@@ -84,7 +85,8 @@ def test_tracker_stops_the_run_with_counts_and_an_example(folder, tokenizer_dir)
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_drops_bad_samples_and_reports_them(folder, tokenizer_dir, workers):
     ds = _dataset(folder, tokenizer_dir)
-    loader = make_loader(ds, BatchPlan(ds.lengths, 2, "packed", 64, seed=0), pad_id=0, num_workers=workers)
+    loader = DataLoader(ds, batch_sampler=BatchPlan(ds.lengths, 2, "packed", 64, seed=0).batches(0),
+                        collate_fn=Collator(0, pack_len=64), num_workers=workers)
     served, bad = [], []
     for batch in loader:
         bad += batch["bad"]

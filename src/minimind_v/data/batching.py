@@ -5,7 +5,8 @@
   `segment_ids` number the samples of a row 1..k (0 = padding) so attention stays within a sample,
   `position_ids` restart at 0 for every sample, and the first token of each sample gets no label, so
   the loss of a packed batch equals the token-mean over the same samples unpacked.
-- `BatchPlan`: which sample indices form each batch of an epoch, a function of (seed, epoch) only:
+- `BatchPlan`: which sample indices form each batch of an epoch, a function of (seed, epoch) only
+  (a DataLoader takes an epoch's list as its batch_sampler):
   "random" (shuffled), "grouped" (shuffled, then sorted by length within mega-batches, so a batch
   holds similar lengths) or "packed" (as many samples as fill `batch_size` rows of max_seq_len).
 
@@ -17,7 +18,6 @@ images (the path or bytes behind each placeholder run, same order), sources, num
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -95,8 +95,8 @@ class Collator:
         return batch
 
 
-class BatchPlan(torch.utils.data.Sampler):
-    """The batches of each epoch, reproducible from (seed, epoch); `set_epoch` picks the epoch and a resume point."""
+class BatchPlan:
+    """The batches of each epoch (lists of sample indices), a function of (seed, epoch) only."""
 
     def __init__(self, lengths: np.ndarray, batch_size: int, mode: Literal["random", "grouped", "packed"] = "random",
                  max_seq_len: int | None = None, seed: int = 0, drop_last: bool = False,
@@ -105,11 +105,7 @@ class BatchPlan(torch.utils.data.Sampler):
             raise ValueError("packed batches need max_seq_len")
         self.lengths, self.batch_size, self.mode = np.asarray(lengths), batch_size, mode
         self.max_seq_len, self.seed, self.drop_last, self.group_factor = max_seq_len, seed, drop_last, group_factor
-        self.epoch, self.skip = 0, 0
         self._planned: tuple[int, list[list[int]]] | None = None
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip_batches
 
     def batches(self, epoch: int) -> list[list[int]]:
         if self._planned is None or self._planned[0] != epoch:  # planning a large packed epoch is not free
@@ -149,18 +145,3 @@ class BatchPlan(torch.utils.data.Sampler):
             batches += [[int(chunk[p]) for b in bins[j:j + self.batch_size] for p in b]
                         for j in range(0, len(bins), self.batch_size)]
         return [batches[k] for k in rng.permutation(len(batches))]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches(self.epoch)[self.skip:]
-
-    def __len__(self) -> int:
-        return len(self.batches(self.epoch)) - self.skip
-
-
-def make_loader(dataset: torch.utils.data.Dataset, plan: BatchPlan, pad_id: int, num_workers: int = 0,
-                pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader over `plan`'s batches; packing when the plan packs."""
-    pack_len = plan.max_seq_len if plan.mode == "packed" else None
-    return torch.utils.data.DataLoader(dataset, batch_sampler=plan, collate_fn=Collator(pad_id, pack_len),
-                                       num_workers=num_workers, pin_memory=pin_memory,
-                                       persistent_workers=num_workers > 0)
