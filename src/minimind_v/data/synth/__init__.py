@@ -15,18 +15,22 @@ draws from a random generator seeded by (seed, split, i), so the same seed gives
     language.py   the words and canonical phrases, in English and Chinese
     questions.py  question types, each question's canonical answer, conversations
     samples.py    one sample from (seed, split, index)
+    pairs.py      preference pairs for DPO: a question, its answer, and the answer with one fact wrong
+    multi.py      questions over two images whose answers need both
     command.py    SynthOptions and the files written
     tower.py      a tower pretrained to name what covers each patch (imports torch; not re-exported here)
 """
 
 from minimind_v.data.synth.command import SynthOptions, main, write_dataset
+from minimind_v.data.synth.multi import MULTI_TYPES, MultiSample, make_multi
+from minimind_v.data.synth.pairs import CORRUPTIONS, Pair, make_pair
 from minimind_v.data.synth.questions import LONG_TYPES, QUESTION_TYPES, weighted_types
 from minimind_v.data.synth.samples import Sample, make_sample
 from minimind_v.data.synth.world import (CELL_LABELS, COLORS, GRID, SHAPES, SIZES, Scene, SceneObject, cell_labels,
                                          scene_from_record)
 
 __all__ = [
-    "CELL_LABELS", "COLORS", "GRID", "LONG_TYPES", "QUESTION_TYPES", "SHAPES", "SIZES", "Sample", "Scene",
-    "SceneObject", "SynthOptions", "cell_labels", "main", "make_sample", "scene_from_record", "weighted_types",
-    "write_dataset",
+    "CELL_LABELS", "COLORS", "CORRUPTIONS", "GRID", "LONG_TYPES", "MULTI_TYPES", "QUESTION_TYPES", "SHAPES", "SIZES",
+    "MultiSample", "Pair", "Sample", "Scene", "SceneObject", "SynthOptions", "cell_labels", "main", "make_multi",
+    "make_pair", "make_sample", "scene_from_record", "weighted_types", "write_dataset",
 ]

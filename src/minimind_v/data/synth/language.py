@@ -60,6 +60,19 @@ PROMPTS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+TWO_IMAGES: dict[str, dict[str, str]] = {
+    # Questions over two images (multi.py) and the words of their answers.
+    "en": {"more_shape": "Which image has more {shape}s?", "more_color": "Which image has more {color} objects?",
+           "both": "Is the {color} {shape} in both images?", "change": "What changed between the images?",
+           "first": "first", "second": "second", "neither": "neither",
+           "added": "added {obj}", "removed": "removed {obj}", "recolored": "{obj} turned {color}"},
+    "zh": {"more_shape": "哪张图片里的{shape}更多？", "more_color": "哪张图片里的{color}物体更多？",
+           "both": "两张图片里都有{color}{shape}吗？", "change": "两张图片之间有什么变化？",
+           "first": "第一张", "second": "第二张", "neither": "一样多",
+           "added": "新增{obj}", "removed": "移除{obj}", "recolored": "{obj}变成{color}"},
+}
+
+
 def phrase(words: list[str], lang: str) -> str:
     """World words ("small", "red", "circle") in `lang`: spaced in English, run together in Chinese."""
     return ("" if lang == "zh" else " ").join(WORDS[lang][word] for word in words)
@@ -67,6 +80,11 @@ def phrase(words: list[str], lang: str) -> str:
 
 def noun_phrase(obj: SceneObject, lang: str, with_size: bool = False) -> str:
     return phrase(([obj.size] if with_size else []) + [obj.color, obj.shape], lang)
+
+
+def listing(parts: list[str], lang: str) -> str:
+    """What an answer found, one part per lookup: "left, right" ("左列、右列" in Chinese)."""
+    return ("、" if lang == "zh" else ", ").join(parts)
 
 
 def keyed(key: str, value: str, lang: str) -> str:

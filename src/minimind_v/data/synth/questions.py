@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from minimind_v.data.synth.language import LINES, POSITIONS, PROMPTS, WORDS, describe, keyed, noun_phrase, phrase
+from minimind_v.data.synth.language import (LINES, POSITIONS, PROMPTS, WORDS, describe, keyed, listing, noun_phrase,
+                                            phrase)
 from minimind_v.data.synth.world import COLORS, SHAPES, Scene, SceneObject
 from minimind_v.errors import UserError
 
@@ -17,22 +18,22 @@ Question = tuple[str, str]
 """(question, answer)"""
 
 
-def weighted_types(weights: str | None) -> tuple[str, ...]:
-    """"left_of=3,above=3" -> QUESTION_TYPES with those types repeated (a question's type is drawn uniformly
-    from the tuple, so a weight is a relative frequency); None or "" -> QUESTION_TYPES unchanged."""
-    counts = {t: 1 for t in QUESTION_TYPES}
+def weighted_types(weights: str | None, names: tuple[str, ...] = QUESTION_TYPES) -> tuple[str, ...]:
+    """"left_of=3,above=3" -> `names` with those types repeated (a question's type is drawn uniformly
+    from the tuple, so a weight is a relative frequency); None or "" -> `names` unchanged."""
+    counts = {t: 1 for t in names}
     for part in filter(None, (weights or "").split(",")):
         name, _, value = part.partition("=")
         if name.strip() not in counts or not value.strip().isdigit():
             raise UserError(f"--type-weights {part!r}: expected TYPE=N with N a whole number and TYPE one of "
-                            f"{', '.join(QUESTION_TYPES)}")
+                            f"{', '.join(names)}")
         counts[name.strip()] = int(value)
     if not any(counts.values()):
         raise UserError(f"--type-weights {weights!r}: every weight is 0")
-    return tuple(t for t in QUESTION_TYPES for _ in range(counts[t]))
+    return tuple(t for t in names for _ in range(counts[t]))
 
 
-def _unique(scene: Scene) -> list[SceneObject]:
+def unambiguous(scene: Scene) -> list[SceneObject]:
     """Objects that "the <colour> <shape>" names without ambiguity."""
     keys = [(o.color, o.shape) for o in scene]
     return [o for o in scene if keys.count((o.color, o.shape)) == 1]
@@ -60,7 +61,7 @@ def _ask_attribute(attribute: str) -> Callable[[Scene, random.Random, str], Ques
 
 
 def _ask_position(scene: Scene, rng: random.Random, lang: str) -> Question | None:
-    candidates = _unique(scene)
+    candidates = unambiguous(scene)
     if not candidates:
         return None
     obj = rng.choice(candidates)
@@ -89,7 +90,7 @@ def _ask_relation(axis: str) -> Callable[[Scene, random.Random, str], Question |
     comparison inside one token (docs/experiments.md).
     """
     def ask(scene: Scene, rng: random.Random, lang: str) -> Question | None:
-        candidates = _unique(scene)
+        candidates = unambiguous(scene)
         pairs = [(a, b) for a in candidates for b in candidates if getattr(a, axis) != getattr(b, axis)]
         if not pairs:
             return None
@@ -98,7 +99,7 @@ def _ask_relation(axis: str) -> Callable[[Scene, random.Random, str], Question |
         kind = "left_of" if axis == "col" else "above"
         question = PROMPTS[lang][kind][0].format(a=noun_phrase(a, lang), b=noun_phrase(b, lang))
         names = LINES[lang][axis]
-        found = ("、" if lang == "zh" else ", ").join(names[getattr(o, axis)] for o in (a, b))
+        found = listing([names[getattr(o, axis)] for o in (a, b)], lang)
         return question, keyed(found, WORDS[lang][answer], lang)
     return ask
 

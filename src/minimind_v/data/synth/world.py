@@ -75,6 +75,17 @@ def split_of(scene: Scene) -> str:
     return "test" if int.from_bytes(digest[:8], "big") % TEST_SHARE == 0 else "train"
 
 
+def edited(scene: Scene, remove: SceneObject | None = None, add: SceneObject | None = None) -> Scene:
+    """The scene without `remove` and with `add`, back in reading order."""
+    kept = [o for o in scene if o != remove] + ([add] if add is not None else [])
+    return tuple(sorted(kept, key=lambda o: o.cell))
+
+
+def empty_cells(scene: Scene) -> list[int]:
+    taken = {o.cell for o in scene}
+    return [cell for cell in range(GRID * GRID) if cell not in taken]
+
+
 def sample_scene(rng: random.Random, split: str) -> Scene:
     """A random scene of the given split: draw until the hash puts it there (7 in 8 draws for train)."""
     while True:
