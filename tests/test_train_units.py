@@ -179,3 +179,16 @@ def test_dropout_rng_is_the_only_randomness_and_is_restorable():
     set_rng_state(state)
     train_step(twin, [batch([12, 9], 0)], twin_opt, Precision.choose("fp32", cpu), 1.0, cpu)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_the_3v_recipe_sets_its_own_stage_defaults_and_has_no_text_stage():
+    from minimind_v.errors import UserError
+    from minimind_v.train.config import TrainConfig, for_stage
+
+    sft = for_stage(TrainConfig(stage="sft", recipe="minimind-3v"))
+    assert (sft.lr, sft.batch_size, sft.max_seq_len, sft.epochs, sft.freeze) == (5e-6, 4, 768, 2, "projector+ends")
+    pre = for_stage(TrainConfig(stage="pretrain", recipe="minimind-3v", lr=1e-4))
+    assert (pre.lr, pre.batch_size, pre.max_seq_len, pre.epochs, pre.freeze) == (1e-4, 16, 450, 2, "projector")
+    assert for_stage(TrainConfig(stage="sft")).lr == 5e-5  # the 2025 recipe stays the default
+    with pytest.raises(UserError, match="not a stage of --recipe minimind-3v"):
+        for_stage(TrainConfig(stage="lm", recipe="minimind-3v"))

@@ -16,7 +16,7 @@ from minimind_v.errors import UserError
 from minimind_v.model.config import VLMConfig
 from minimind_v.options import flag_name
 from minimind_v.train.freezing import Policy
-from minimind_v.train.stages import get_stage
+from minimind_v.train.stages import Recipe, get_stage
 
 RESUMABLE_CHANGES = frozenset({"max_steps", "epochs", "max_bad_fraction", "accumulation_steps", "dtype"})
 """Fields a resumed run may change (train longer, tolerate more, another memory trade-off); the rest would
@@ -27,6 +27,9 @@ make it a different run. The batch size stays: the data position counts batches 
 class TrainConfig:
     stage: Literal["lm", "pretrain", "sft"]
     """lm: the language model on text, from nothing; pretrain: captions, projector only; sft: conversations, LLM + projector."""
+    recipe: Recipe = "minimind-v"
+    """Whose stage defaults: minimind-v (the 2025 recipe) or minimind-3v (2026: pretrain 2 epochs of 450 tokens;
+    SFT lr 5e-6, batch 4, 768 tokens, projector+ends); train/stages.py holds them."""
     lr: float | None = None
     """Peak learning rate (default: the stage's)."""
     batch_size: int | None = None
@@ -81,12 +84,12 @@ class TrainConfig:
     @property
     def tower_learns(self) -> bool:
         """The vision tower gets gradients (and so cannot be cached)."""
-        return get_stage(self.stage).uses_images and (self.freeze == "all" or not self.model.vision.freeze)
+        return get_stage(self.stage, self.recipe).uses_images and (self.freeze == "all" or not self.model.vision.freeze)
 
 
 def for_stage(cfg: TrainConfig) -> TrainConfig:
     """`cfg` with every unset field at the stage's default, checked; what a run trains with and records."""
-    stage = get_stage(cfg.stage)
+    stage = get_stage(cfg.stage, cfg.recipe)
     defaults = {name: getattr(stage, name) for name in ("lr", "batch_size", "max_seq_len", "epochs", "freeze")}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     if cfg.freeze == "all" and cfg.model.vision.freeze:

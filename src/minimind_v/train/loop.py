@@ -75,7 +75,7 @@ def check_inputs(settings: RunSettings) -> None:
 
 def prepare(config: TrainConfig, settings: RunSettings) -> tuple[TrainConfig, build.Start, Path | None]:
     """The run's resolved config and starting point; on --resume also the checkpoint, checked against the config."""
-    stage = get_stage(config.stage)
+    stage = get_stage(config.stage, config.recipe)
     from_ = settings.from_ or ("none" if not stage.needs_from else None)
     if from_ is None:
         raise UserError(f"--stage {config.stage} starts from a trained model: give --from DIR (or a .pth, or none)")
