@@ -49,7 +49,9 @@ class LMConfig:
     aux_loss_alpha: float = 0.1
     """Weight of the load-balancing loss (training only)."""
     seq_aux: bool = True
-    """Per-sequence form of the load-balancing loss (the original's)."""
+    """Per-sequence form of the load-balancing loss (2025's); off: over all tokens of the batch (2026's)."""
+    numerics: Literal["2025", "2026"] = "2025"
+    """Whose numerics where the originals differ: 2026 weights RMSNorm in fp32, renormalises top-1, ramps YaRN."""
 
     @property
     def head_dim(self) -> int:
@@ -64,6 +66,8 @@ class LMConfig:
 
 CLIP_B16 = "openai/clip-vit-base-patch16"
 """The original's vision tower: CLIP ViT-B/16 on the Hugging Face Hub."""
+SIGLIP2_B32_256 = "jingyaogong/siglip2-base-p32-256-ve"
+"""minimind-3v's vision tower: the vision half of SigLIP2 ViT-B/32 at 256 px (a SiglipVisionModel), on the Hub."""
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """MiniMindLM: the original MiniMind decoder, numerics as in docs UPSTREAM_FORMAT.
 
 Pre-norm blocks (RMSNorm, eps in float32), RoPE base 1e6 in the rotate-half layout (+ optional
-YaRN), grouped-query attention on SDPA, SwiGLU or a mixture of SwiGLU experts, tied embeddings.
+YaRN), grouped-query attention on SDPA (+ per-head q/k RMSNorm), SwiGLU or a mixture of SwiGLU
+experts, tied embeddings. Both generations: LMConfig.numerics picks where their code differs.
 Attention handles plain causal, left padding (attention_mask), packing (segment_ids) and a KV
 cache given as a list of (k, v) per layer, each (B, kv_heads, T_total, head_dim).
 """
@@ -36,15 +37,23 @@ class CausalLMOutput:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, weight_in_float32: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.weight_in_float32 = eps, weight_in_float32
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Statistics in float32 even under bf16, then back: the original's exact order of operations.
+        # Statistics in float32 even under bf16, then each original's own order: the 2025 code casts back and then
+        # multiplies by the weight, the 2026 code multiplies in float32 and casts last (they differ under bf16).
         xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_in_float32:
+            return (self.weight * normed).type_as(x)
+        return self.weight * normed.type_as(x)
+
+
+def rms_norm(dim: int, cfg: LMConfig) -> RMSNorm:
+    return RMSNorm(dim, cfg.rms_norm_eps, weight_in_float32=cfg.numerics == "2026")
 
 
 def rope_frequencies(cfg: LMConfig) -> Tensor:
@@ -54,6 +63,8 @@ def rope_frequencies(cfg: LMConfig) -> Tensor:
     scaling = cfg.rope_scaling
     if scaling is None:
         return freqs
+    if cfg.numerics == "2026":
+        return freqs * yarn_ramp(d, cfg.rope_theta, scaling)
     orig_max = scaling.get("original_max_position_embeddings", 2048)
     factor = scaling.get("factor", 4)
     beta_fast, beta_slow = scaling.get("beta_fast", 4.0), scaling.get("beta_slow", 1.0)
@@ -67,11 +78,30 @@ def rope_frequencies(cfg: LMConfig) -> Tensor:
     return freqs * scale
 
 
+def yarn_ramp(d: int, theta: float, scaling: dict) -> Tensor:
+    """The 2026 original's YaRN (d/2,) frequency scale: 1 on the fast dimensions, 1/factor on the slow ones, a
+    linear ramp between the dimensions that turn beta_fast and beta_slow times over the original length."""
+    orig_max = scaling.get("original_max_position_embeddings", 2048)
+    factor = scaling.get("factor", 16)
+    beta_fast, beta_slow = scaling.get("beta_fast", 32.0), scaling.get("beta_slow", 1.0)
+
+    def dim_turning(turns: float) -> float:
+        return d * math.log(orig_max / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = max(math.floor(dim_turning(beta_fast)), 0), min(math.ceil(dim_turning(beta_slow)), d // 2 - 1)
+    ramp = ((torch.arange(d // 2).float() - low) / max(high - low, 0.001)).clamp(0, 1)
+    return 1 - ramp + ramp / factor
+
+
 def rope_tables(cfg: LMConfig) -> tuple[Tensor, Tensor]:
     """cos and sin, each (max_position_embeddings, head_dim) in the rotate-half layout."""
     t = torch.arange(cfg.max_position_embeddings).float()
     angles = torch.outer(t, rope_frequencies(cfg))  # (L, d/2)
-    return torch.cat([angles.cos(), angles.cos()], -1), torch.cat([angles.sin(), angles.sin()], -1)
+    cos, sin = torch.cat([angles.cos(), angles.cos()], -1), torch.cat([angles.sin(), angles.sin()], -1)
+    if cfg.numerics == "2026" and cfg.rope_scaling is not None:
+        scale = cfg.rope_scaling.get("attention_factor", 1.0)
+        return cos * scale, sin * scale
+    return cos, sin
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -103,8 +133,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.q_norm = rms_norm(self.head_dim, cfg) if cfg.qk_norm else None
+        self.k_norm = rms_norm(self.head_dim, cfg) if cfg.qk_norm else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -145,7 +175,9 @@ class MoEFeedForward(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.top_k, self.n_experts = cfg.num_experts_per_tok, cfg.n_routed_experts
-        self.norm_topk_prob, self.alpha, self.seq_aux = cfg.norm_topk_prob, cfg.aux_loss_alpha, cfg.seq_aux
+        self.alpha, self.seq_aux = cfg.aux_loss_alpha, cfg.seq_aux
+        # The 2025 original leaves a top-1 weight as its score; the 2026 one divides it by itself (weight 1).
+        self.renormalise = cfg.norm_topk_prob and (self.top_k > 1 or cfg.numerics == "2026")
         self.router = nn.Linear(cfg.hidden_size, self.n_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(cfg.hidden_size, cfg.ffn_size) for _ in range(self.n_experts))
         self.shared_experts = nn.ModuleList(
@@ -155,7 +187,7 @@ class MoEFeedForward(nn.Module):
         """x (B, T, C) -> top-k expert ids (B*T, k), their weights (B*T, k), router scores (B, T, E)."""
         scores = self.router(x).softmax(dim=-1)  # (B, T, E)
         weights, experts = torch.topk(scores.view(-1, self.n_experts), k=self.top_k, dim=-1, sorted=False)
-        if self.top_k > 1 and self.norm_topk_prob:
+        if self.renormalise:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return experts, weights, scores
 
@@ -193,9 +225,9 @@ class MoEFeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn_norm = rms_norm(cfg.hidden_size, cfg)
         self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp_norm = rms_norm(cfg.hidden_size, cfg)
         self.mlp = MoEFeedForward(cfg) if cfg.use_moe else FeedForward(cfg.hidden_size, cfg.ffn_size)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
@@ -254,7 +286,7 @@ class MiniMindLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = rms_norm(cfg.hidden_size, cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.embed_tokens.weight  # tied: one Parameter
         cos, sin = rope_tables(cfg)

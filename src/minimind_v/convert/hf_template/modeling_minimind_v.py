@@ -1,7 +1,8 @@
 """MiniMind-V for transformers (trust_remote_code). Self-contained: no minimind_v import.
 
 The same numerics as minimind-v's own model (RMSNorm with float32 statistics, rotate-half RoPE
-with optional YaRN, grouped-query attention on SDPA, SwiGLU or MoE, tied embeddings) and the same
+with optional YaRN, grouped-query attention on SDPA with optional q/k norms, SwiGLU or MoE, tied
+embeddings; the 2025 or the 2026 original's order of operations, as `lm["numerics"]` says) and the same
 weight names, so an exported model.safetensors is minimind-v's state dict as it is. Images: the
 vision tower's patch features, projected, replace each run of `image_token_len` placeholder tokens
 (`image_token_id`), the k-th run (row by row) taking the k-th image. Pass `pixel_values` to
@@ -38,14 +39,18 @@ TOWERS = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel, "siglip2": Sigli
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
+    def __init__(self, dim, lm):
         super().__init__()
-        self.eps = eps
+        self.eps = lm["rms_norm_eps"]
+        self.weight_in_float32 = lm["numerics"] == "2026"  # 2025 casts back before the weight, 2026 after
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_in_float32:
+            return (self.weight * normed).type_as(x)
+        return self.weight * normed.type_as(x)
 
 
 def rope_frequencies(lm, head_dim):
@@ -55,6 +60,8 @@ def rope_frequencies(lm, head_dim):
     scaling = lm["rope_scaling"]
     if scaling is None:
         return freqs
+    if lm["numerics"] == "2026":
+        return freqs * yarn_ramp(d, lm["rope_theta"], scaling)
     orig_max = scaling.get("original_max_position_embeddings", 2048)
     factor = scaling.get("factor", 4)
     beta_fast, beta_slow = scaling.get("beta_fast", 4.0), scaling.get("beta_slow", 1.0)
@@ -68,10 +75,28 @@ def rope_frequencies(lm, head_dim):
     return freqs * scale
 
 
-def rope_cos_sin(freqs, position_ids):
+def yarn_ramp(d, theta, scaling):
+    """The 2026 original's YaRN frequency scale: a linear ramp from 1 (fast dimensions) to 1/factor (slow ones)."""
+    orig_max = scaling.get("original_max_position_embeddings", 2048)
+    factor = scaling.get("factor", 16)
+    beta_fast, beta_slow = scaling.get("beta_fast", 32.0), scaling.get("beta_slow", 1.0)
+
+    def dim_turning(turns):
+        return d * math.log(orig_max / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = max(math.floor(dim_turning(beta_fast)), 0), min(math.ceil(dim_turning(beta_slow)), d // 2 - 1)
+    ramp = ((torch.arange(d // 2).float() - low) / max(high - low, 0.001)).clamp(0, 1)
+    return 1 - ramp + ramp / factor
+
+
+def rope_cos_sin(freqs, position_ids, lm):
     """cos, sin (B, T, head_dim) at each position, rotate-half layout; computed per call (no buffers to load)."""
     angles = position_ids.float()[..., None] * freqs.to(position_ids.device)  # (B, T, d/2)
-    return torch.cat([angles.cos(), angles.cos()], -1), torch.cat([angles.sin(), angles.sin()], -1)
+    cos, sin = torch.cat([angles.cos(), angles.cos()], -1), torch.cat([angles.sin(), angles.sin()], -1)
+    if lm["numerics"] == "2026" and lm["rope_scaling"] is not None:
+        scale = lm["rope_scaling"].get("attention_factor", 1.0)
+        return cos * scale, sin * scale
+    return cos, sin
 
 
 def rotate_half(x):
@@ -101,8 +126,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(lm["hidden_size"], self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(lm["hidden_size"], self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, lm["hidden_size"], bias=False)
-        self.q_norm = RMSNorm(self.head_dim, lm["rms_norm_eps"]) if lm["qk_norm"] else None
-        self.k_norm = RMSNorm(self.head_dim, lm["rms_norm_eps"]) if lm["qk_norm"] else None
+        self.q_norm = RMSNorm(self.head_dim, lm) if lm["qk_norm"] else None
+        self.k_norm = RMSNorm(self.head_dim, lm) if lm["qk_norm"] else None
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
@@ -138,7 +163,9 @@ class MoEFeedForward(nn.Module):
     def __init__(self, config):
         super().__init__()
         lm = config.lm
-        self.top_k, self.n_experts, self.norm_topk_prob = lm["num_experts_per_tok"], lm["n_routed_experts"], lm["norm_topk_prob"]
+        self.top_k, self.n_experts = lm["num_experts_per_tok"], lm["n_routed_experts"]
+        # 2025 leaves a top-1 weight as its score, 2026 renormalises it to 1
+        self.renormalise = lm["norm_topk_prob"] and (self.top_k > 1 or lm["numerics"] == "2026")
         self.router = nn.Linear(lm["hidden_size"], self.n_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(lm["hidden_size"], config.ffn_size) for _ in range(self.n_experts))
         self.shared_experts = nn.ModuleList(
@@ -148,7 +175,7 @@ class MoEFeedForward(nn.Module):
         B, T, C = x.shape
         scores = self.router(x).softmax(dim=-1)
         weights, experts = torch.topk(scores.view(-1, self.n_experts), k=self.top_k, dim=-1, sorted=False)
-        if self.top_k > 1 and self.norm_topk_prob:
+        if self.renormalise:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         flat = x.reshape(-1, C)
         y = torch.zeros_like(flat)
@@ -165,9 +192,9 @@ class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         lm = config.lm
-        self.attn_norm = RMSNorm(lm["hidden_size"], lm["rms_norm_eps"])
+        self.attn_norm = RMSNorm(lm["hidden_size"], lm)
         self.attn = Attention(config, layer_idx)
-        self.mlp_norm = RMSNorm(lm["hidden_size"], lm["rms_norm_eps"])
+        self.mlp_norm = RMSNorm(lm["hidden_size"], lm)
         self.mlp = MoEFeedForward(config) if lm["use_moe"] else FeedForward(lm["hidden_size"], config.ffn_size)
 
     def forward(self, x, cos, sin, mask, cache):
@@ -195,7 +222,7 @@ class LanguageModel(nn.Module):
         lm = config.lm
         self.embed_tokens = nn.Embedding(lm["vocab_size"], lm["hidden_size"])
         self.layers = nn.ModuleList(Block(config, i) for i in range(lm["num_hidden_layers"]))
-        self.norm = RMSNorm(lm["hidden_size"], lm["rms_norm_eps"])
+        self.norm = RMSNorm(lm["hidden_size"], lm)
         self.lm_head = nn.Linear(lm["hidden_size"], lm["vocab_size"], bias=False)
         self.lm_settings, self.head_dim = lm, config.head_dim
 
@@ -211,7 +238,7 @@ class LanguageModel(nn.Module):
                 position_ids = torch.arange(past_len, past_len + T, device=x.device)[None]
         # Frequencies per call, not a buffer: transformers builds models on the meta device, and a few
         # hundred floats cost nothing next to the layers.
-        cos, sin = rope_cos_sin(rope_frequencies(self.lm_settings, self.head_dim), position_ids)
+        cos, sin = rope_cos_sin(rope_frequencies(self.lm_settings, self.head_dim), position_ids, self.lm_settings)
         mask = attention_mask_4d(T, past_len, attention_mask, x.device)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
