@@ -71,14 +71,14 @@ def _fresh(preset: str, tokenizer_dir: str | None, vision: str | None) -> Start:
 
 
 def _from_pth(path: Path, preset: str, tokenizer_dir: str | None, vision: str | None) -> Start:
-    """An original checkpoint: the preset's shapes with the original's linear projector and "@" placeholder."""
+    """An original checkpoint: the preset's shapes with its generation's projector and placeholder."""
     from minimind_v.convert import upstream
 
     if tokenizer_dir is None:
         raise UserError(f"--from {path}: an original checkpoint carries no tokenizer; give --tokenizer DIR")
     tokenizer = load_tokenizer(tokenizer_dir)
-    cfg = upstream.upstream_config(preset, vision or get_preset(preset).vision.name_or_path,
-                                   upstream.image_token_id(tokenizer, tokenizer_dir))
+    cfg = upstream.config_for_tokenizer(preset, vision or get_preset(preset).vision.name_or_path, tokenizer,
+                                        tokenizer_dir)
     return Start("pth", path, cfg, tokenizer, vision is not None)
 
 
