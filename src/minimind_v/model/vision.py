@@ -1,8 +1,8 @@
 """VisionTower: a Hugging Face CLIP, SigLIP or SigLIP2 vision model turned into patch features.
 
 CLIP gives last_hidden_state without its CLS token (no post-layernorm, no projection), as the
-original MiniMind-V; SigLIP has no CLS token, so its last_hidden_state is used whole. Frozen by
-default: no gradients, and eval mode kept even while the VLM trains.
+original MiniMind-V; SigLIP has no CLS token, so its last_hidden_state is used whole, post-layernorm
+included, as minimind-3v. Frozen by default: no gradients, and eval mode kept even while the VLM trains.
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ FAMILIES: dict[str, type[PreTrainedModel]] = {
     "clip": CLIPVisionModel,
     "siglip": SiglipVisionModel,
     "siglip2": Siglip2VisionModel,
+}
+# The modules of each family's vision model that the features never pass through: CLIP's features are read before
+# its post-layernorm; SigLIP's after it, and SigLIP's pooling head only makes the pooled output.
+UNUSED_BY_FEATURES: dict[str, tuple[str, ...]] = {
+    "clip": ("post_layernorm",),
+    "siglip": ("head",),
+    "siglip2": ("head",),
 }
 
 
@@ -62,6 +69,11 @@ class VisionTower(nn.Module):
         if self.frozen:
             self.model.requires_grad_(False)
             self.model.eval()
+
+    def unused_by_features(self) -> list[nn.Parameter]:
+        """The parameters the features do not depend on: they never get a gradient, so they must not train."""
+        unused = UNUSED_BY_FEATURES[self.family]
+        return [p for name, p in self.model.named_parameters() if name.split(".")[0] in unused]
 
     def train(self, mode: bool = True) -> "VisionTower":
         # A frozen tower stays in eval mode whatever the VLM around it does (dropout, norms).

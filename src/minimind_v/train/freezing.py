@@ -2,6 +2,8 @@
 
 Freezing is requires_grad=False, and only parameters that still require grad reach the optimizer
 (train/optim.py), so a frozen weight can neither move nor cost optimizer memory.
+
+minimind-3v's `freeze_llm` levels are three of these: 2 = projector, 1 = projector+ends, 0 = llm.
 """
 
 from __future__ import annotations
@@ -11,13 +13,9 @@ from typing import Literal, get_args
 from torch import nn
 
 Policy = Literal["projector", "projector+ends", "llm", "all"]
-"""projector: the projector alone; projector+ends: also the first and last LLM blocks;
-llm: the whole LLM and the projector; all: also the vision tower."""
+"""projector: the projector alone; projector+ends: also the first and last LLM blocks (embeddings, head and
+final norm stay frozen); llm: the whole LLM and the projector; all: also the vision tower."""
 POLICIES: tuple[str, ...] = get_args(Policy)
-
-# The tower's features are its last hidden state: the final layer norm and SigLIP's pooling head
-# never see a gradient, and a trainable weight without one breaks DDP and wastes optimizer state.
-_UNUSED_BY_FEATURES = ("post_layernorm", "head")
 
 
 def _set(module: nn.Module, trainable: bool) -> None:
@@ -45,9 +43,9 @@ def apply_policy(model: nn.Module, policy: str, train_vision: bool, uses_images:
     if not uses_images:
         _set(model.projector, False)
     _set(model.vision, vision_learns)
-    for name, param in model.vision.named_parameters():
-        if name.split(".")[1] in _UNUSED_BY_FEATURES:
-            param.requires_grad_(False)
+    # A weight the features never reach gets no gradient: trainable, it would break DDP and waste optimizer state.
+    for param in model.vision.unused_by_features():
+        param.requires_grad_(False)
     # The tower runs without autograd and in eval mode while `frozen`; it must agree with requires_grad.
     model.vision.frozen = not vision_learns
 
