@@ -76,6 +76,27 @@ def test_selection_and_size(fake_hub: FakeHub, tmp_path: Path) -> None:
     assert names == ["llm_768.pth", "pretrain_vlm_768.pth", "sft_vlm_768.pth"]
 
 
+@pytest.mark.parametrize("size, suffix", [("3v", "768"), ("3v-moe", "768_moe")])
+def test_minimind_3v_assets_by_name(fake_hub: FakeHub, tmp_path: Path, size: str, suffix: str) -> None:
+    assert cli.main(["download", "--what", "all", "vlm", "--size", size, "--out", str(tmp_path)]) == 0
+    weights = "jingyaogong/minimind-3v-pytorch"
+    assert sorted(fake_hub.calls) == sorted([
+        ("jingyaogong/siglip2-base-p32-256-ve", "*", None),
+        (weights, f"llm_{suffix}.pth", None), (weights, f"pretrain_vlm_{suffix}.pth", None),
+        (weights, f"sft_vlm_{suffix}.pth", None),
+        ("jingyaogong/minimind-3v", "tokenizer.json", None), ("jingyaogong/minimind-3v", "tokenizer_config.json", None),
+        (hub.DATA_REPO, "pretrain_i2t.parquet", "dataset"), (hub.DATA_REPO, "sft_i2t.parquet", "dataset")])
+    assert (tmp_path / "siglip2-base-p32-256-ve" / "model.safetensors").exists()
+    assert (tmp_path / "dataset" / "sft_i2t.parquet").exists() and (tmp_path / "tokenizer" / "tokenizer.json").exists()
+
+
+def test_the_3v_tower_is_the_one_its_presets_name() -> None:
+    from minimind_v.presets import get_preset
+
+    for size, preset in (("3v", "minimind-3v"), ("3v-moe", "minimind-3v-moe"), ("512", "minimind2-small-v")):
+        assert hub.RELEASES[size].vision_repo == get_preset(preset).vision.name_or_path
+
+
 def test_rerun_skips_unpacked_images(fake_hub: FakeHub, tmp_path: Path) -> None:
     cli.main(["download", "--what", "data-sft", "--out", str(tmp_path)])
     fake_hub.calls.clear()
@@ -99,6 +120,16 @@ def test_offline_is_one_line_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "HF_HUB_OFFLINE" in err and "llm_512.pth" in err
+
+
+def test_offline_3v_is_one_line_error_naming_the_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    assert cli.main(["download", "--what", "vlm", "--size", "3v-moe", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "HF_HUB_OFFLINE" in err and "jingyaogong/minimind-3v-pytorch/pretrain_vlm_768_moe.pth" in err
 
 
 def test_unpack_strips_matching_top_folder_only(tmp_path: Path) -> None:

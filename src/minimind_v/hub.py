@@ -7,6 +7,10 @@
     OUT/dataset/pretrain_data.jsonl + OUT/dataset/pretrain_images/
     OUT/dataset/sft_data.jsonl      + OUT/dataset/sft_images/
 
+minimind-3v (--size 3v, 3v-moe) the same way, from its own repos: OUT/siglip2-base-p32-256-ve/,
+OUT/llm_768.pth (llm_768_moe.pth, ...), its tokenizer in OUT/tokenizer/, and
+OUT/dataset/pretrain_i2t.parquet, OUT/dataset/sft_i2t.parquet with the images inside.
+
 Every download resumes where it stopped (huggingface_hub keeps partial files under .cache/ in the
 folder it writes to), and an image archive is deleted once unpacked, so a rerun fetches only what is missing.
 """
@@ -29,22 +33,49 @@ from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
 from minimind_v.errors import UserError, first_line
-from minimind_v.model.config import CLIP_B16
+from minimind_v.model.config import CLIP_B16, SIGLIP2_B32_256
 
-VISION_REPO = CLIP_B16  # the tower the minimind2 presets name
-WEIGHTS_REPO = "jingyaogong/MiniMind2-V-PyTorch"
-# The .pth repo holds weights only; the transformers-format release carries the original tokenizer.
-TOKENIZER_REPO = "jingyaogong/MiniMind2-V"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-DATA_REPO = "jingyaogong/minimind-v_dataset"
-# The original names weights `{stage}_{hidden}{_moe}.pth`.
-SIZE_SUFFIX = {"512": "512", "768": "768", "moe": "512_moe"}
+DATA_REPO = "jingyaogong/minimind-v_dataset"  # both generations' data
 WHAT = ("vision", "llm", "vlm", "tokenizer", "data-pretrain", "data-sft")
 # What `all` means: everything a user needs to train pretrain then SFT (the finished VLM only on request).
 ALL = ("vision", "llm", "tokenizer", "data-pretrain", "data-sft")
 # Rough download sizes, so the user knows what they are starting.
 SIZES = {"vision": "0.6 GB", "llm": "0.05-0.2 GB", "vlm": "0.1-0.4 GB", "tokenizer": "0.5 MB",
          "data-pretrain": "2.7 GB (+ unpacked images)", "data-sft": "1.2 GB (+ unpacked images)"}
+SIZES_3V = {**SIZES, "vision": "0.4 GB", "llm": "0.1-0.4 GB", "vlm": "0.2-0.8 GB", "data-pretrain": "4.3 GB",
+            "data-sft": "4.9 GB"}
+
+
+@dataclass(frozen=True)
+class Release:
+    """One original release: the Hub repos of its assets and what they are called there."""
+
+    vision_repo: str
+    """The frozen vision tower its presets name."""
+    weights_repo: str
+    """The .pth files (weights only)."""
+    weights_suffix: str
+    """The original names weights `{stage}_{suffix}.pth`, suffix = `{hidden}{_moe}`."""
+    tokenizer_repo: str
+    """The transformers-format release, which carries the tokenizer."""
+    parquet: bool
+    """Data as parquet with the images inside (minimind-3v), else jsonl + image archives."""
+    sizes: dict[str, str]
+    """Rough download size of each part."""
+
+
+_MINIMIND2 = dict(vision_repo=CLIP_B16, weights_repo="jingyaogong/MiniMind2-V-PyTorch",
+                  tokenizer_repo="jingyaogong/MiniMind2-V", parquet=False, sizes=SIZES)
+_MINIMIND_3V = dict(vision_repo=SIGLIP2_B32_256, weights_repo="jingyaogong/minimind-3v-pytorch",
+                    tokenizer_repo="jingyaogong/minimind-3v", parquet=True, sizes=SIZES_3V)
+RELEASES = {
+    "512": Release(weights_suffix="512", **_MINIMIND2),
+    "768": Release(weights_suffix="768", **_MINIMIND2),
+    "moe": Release(weights_suffix="512_moe", **_MINIMIND2),
+    "3v": Release(weights_suffix="768", **_MINIMIND_3V),
+    "3v-moe": Release(weights_suffix="768_moe", **_MINIMIND_3V),
+}
 
 
 @dataclass
@@ -53,8 +84,8 @@ class DownloadOptions:
     """What to fetch: any of vision, llm, vlm (the original's finished weights), tokenizer, data-pretrain, data-sft, all."""
     out: str = "downloads"
     """Directory to write into (the original layout: weights at the top, data under dataset/)."""
-    size: Literal["512", "768", "moe"] = "512"
-    """Which MiniMind weights: 512 (minimind2-small-v), 768 (minimind2-v) or moe (minimind2-small-v-moe)."""
+    size: Literal["512", "768", "moe", "3v", "3v-moe"] = "512"
+    """Which original: 512, 768, moe (minimind2-small-v, minimind2-v, -small-v-moe); 3v, 3v-moe (minimind-3v)."""
     keep_archives: bool = False
     """Keep the image .zip archives after unpacking them (they are 3.7 GB together)."""
 
@@ -63,7 +94,8 @@ def main(opts: DownloadOptions) -> int:
     parts = _selection(opts.what)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"downloading {', '.join(f'{p} (~{SIZES[p]})' for p in parts)} into {out}")
+    sizes = RELEASES[opts.size].sizes
+    print(f"downloading {', '.join(f'{p} (~{sizes[p]})' for p in parts)} into {out}")
     with _offline_when_unreachable():
         for part in parts:
             for path in FETCHERS[part](out, opts):
@@ -141,48 +173,53 @@ def _file(repo: str, filename: str, local_dir: Path, repo_type: str | None = Non
 
 
 def fetch_vision(out: Path, opts: DownloadOptions) -> list[Path]:
-    target = out / VISION_REPO.split("/")[1]
-    _hub_call(VISION_REPO, snapshot_download, VISION_REPO, local_dir=target,
-              allow_patterns=["*.json", "*.txt", "model.safetensors"])
+    repo = RELEASES[opts.size].vision_repo
+    target = out / repo.split("/")[1]
+    _hub_call(repo, snapshot_download, repo, local_dir=target, allow_patterns=["*.json", "*.txt", "model.safetensors"])
     if not (target / "model.safetensors").exists():
         # Older snapshots carry only the pickle; transformers reads it with weights_only loading.
-        _file(VISION_REPO, "pytorch_model.bin", target)
+        _file(repo, "pytorch_model.bin", target)
     return [target]
 
 
 def fetch_llm(out: Path, opts: DownloadOptions) -> list[Path]:
-    return [_file(WEIGHTS_REPO, f"llm_{SIZE_SUFFIX[opts.size]}.pth", out)]
+    release = RELEASES[opts.size]
+    return [_file(release.weights_repo, f"llm_{release.weights_suffix}.pth", out)]
 
 
 def fetch_vlm(out: Path, opts: DownloadOptions) -> list[Path]:
-    return [_file(WEIGHTS_REPO, f"{stage}_vlm_{SIZE_SUFFIX[opts.size]}.pth", out) for stage in ("pretrain", "sft")]
+    release = RELEASES[opts.size]
+    return [_file(release.weights_repo, f"{stage}_vlm_{release.weights_suffix}.pth", out)
+            for stage in ("pretrain", "sft")]
 
 
 def fetch_tokenizer(out: Path, opts: DownloadOptions) -> list[Path]:
     target = out / "tokenizer"
     for name in TOKENIZER_FILES:
-        _file(TOKENIZER_REPO, name, target)
+        _file(RELEASES[opts.size].tokenizer_repo, name, target)
     return [target]
 
 
-def _fetch_data(out: Path, stage: str, keep_archive: bool) -> list[Path]:
+def _fetch_data(out: Path, stage: str, opts: DownloadOptions) -> list[Path]:
     dataset = out / "dataset"
+    if RELEASES[opts.size].parquet:
+        return [_file(DATA_REPO, f"{stage}_i2t.parquet", dataset, repo_type="dataset")]
     jsonl = _file(DATA_REPO, f"{stage}_data.jsonl", dataset, repo_type="dataset")
     images = dataset / f"{stage}_images"
     if not (images / UNPACKED_MARKER).exists():
         archive = _file(DATA_REPO, f"{stage}_images.zip", dataset, repo_type="dataset")
         unpack_zip(archive, images)
-        if not keep_archive:
+        if not opts.keep_archives:
             archive.unlink()
     return [jsonl, images]
 
 
 def fetch_data_pretrain(out: Path, opts: DownloadOptions) -> list[Path]:
-    return _fetch_data(out, "pretrain", opts.keep_archives)
+    return _fetch_data(out, "pretrain", opts)
 
 
 def fetch_data_sft(out: Path, opts: DownloadOptions) -> list[Path]:
-    return _fetch_data(out, "sft", opts.keep_archives)
+    return _fetch_data(out, "sft", opts)
 
 
 FETCHERS = {"vision": fetch_vision, "llm": fetch_llm, "vlm": fetch_vlm, "tokenizer": fetch_tokenizer,
