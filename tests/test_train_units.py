@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -192,3 +193,14 @@ def test_the_3v_recipe_sets_its_own_stage_defaults_and_has_no_text_stage():
     assert for_stage(TrainConfig(stage="sft")).lr == 5e-5  # the 2025 recipe stays the default
     with pytest.raises(UserError, match="not a stage of --recipe minimind-3v"):
         for_stage(TrainConfig(stage="lm", recipe="minimind-3v"))
+
+
+def test_a_knob_a_checkpoint_predates_counts_as_its_default_on_resume():
+    from minimind_v.train.config import TrainConfig, for_stage, resume_conflicts
+
+    now = json.loads(json.dumps(for_stage(TrainConfig(stage="sft")).to_dict()))
+    old = json.loads(json.dumps(now))
+    del old["recipe"], old["model"]["lm"]["qk_norm"]  # written before these fields existed
+    assert resume_conflicts(old, now) == []
+    old["model"]["lm"]["qk_norm"] = True
+    assert resume_conflicts(old, now) == ["model.lm.qk_norm: True -> False"]

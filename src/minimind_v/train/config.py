@@ -9,6 +9,7 @@ is stored in each checkpoint, and a resumed run must agree with it, except in RE
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -126,8 +127,10 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
 
 
 def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Settings of the current command that differ from the checkpoint's run, as 'key: saved -> now'."""
-    before, now = _flatten(saved), _flatten(current)
+    """Settings of the current command that differ from the checkpoint's run, as 'key: saved -> now'. A setting
+    a checkpoint predates counts as its default then, so adding a knob never strands a run."""
+    defaults = _flatten(json.loads(json.dumps(TrainConfig(stage=current["stage"]).to_dict())))
+    before, now = {**defaults, **_flatten(saved)}, _flatten(current)
     return [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
             if key not in RESUMABLE_CHANGES and before.get(key) != now.get(key)]
 

@@ -23,7 +23,8 @@ class RunSettings:
     """Start from a model directory, an original .pth, or none (random; the lm stage's default)."""
     preset: str = "minimind2-small-v"
     """Model shapes for --from none or an original .pth: minimind2-small-v (the original's 26M), minimind2-v
-    (104M), minimind2-small-v-moe, tiny (the quickstart's); presets.py holds them."""
+    (104M), minimind2-small-v-moe, minimind-3v (2026, 65M), minimind-3v-moe (200M-A65M), tiny (the
+    quickstart's); presets.py holds them."""
     tokenizer: str | None = None
     """Tokenizer directory (required for --from none and .pth; default: the --from model directory's)."""
     vision: str | None = None
