@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from array import array
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch
 from minimind_v.data.formats import BadSample, ImageRef, RawSample, Reader
 from minimind_v.data.images import DEFAULT_MAX_PIXELS, ImageFolder, ImagePreprocessor, load_image
 from minimind_v.constants import IGNORE_INDEX, IMAGE_MARKER
-from minimind_v.data.template import EncodedSample, ImageTokens, encode_conversation, encode_text
+from minimind_v.data.template import ChatAugmentation, EncodedSample, ImageTokens, encode_conversation, encode_text
 from minimind_v.errors import UserError
 
 
@@ -102,6 +102,10 @@ class DataSettings:
     """In the up-front pass, check that every image file exists (one stat per image)."""
     keep_tokens: int = 64_000_000
     """Keep the up-front pass's encodings while they total at most this many tokens (5 bytes each)."""
+    augment: ChatAugmentation = field(default_factory=ChatAugmentation)
+    """The 3v recipe's random system turn and empty-think drop, drawn once per record (off by default)."""
+    seed: int = 0
+    """Seeds those draws, with each record's line (train passes its --seed)."""
 
 
 class EncodingStore:
@@ -148,6 +152,7 @@ class VLMDataset(torch.utils.data.Dataset):
         self.settings = settings or DataSettings()
         if self.settings.decode_images and preprocessor is None and not self.settings.text_only:
             raise ValueError("decode_images needs an ImagePreprocessor")
+        self.settings.augment.check(tokenizer)
         self.store: EncodingStore | None = EncodingStore()
         self.folder = ImageFolder(reader.images_dir or Path("."))
         self.indices, self.lengths, self.bad_upfront = self._scan()
@@ -175,13 +180,19 @@ class VLMDataset(torch.utils.data.Dataset):
         return np.asarray(indices, dtype=np.int64), np.asarray(lengths, dtype=np.int64), bad
 
     def _encode(self, raw: RawSample) -> EncodedSample:
-        max_len = self.settings.max_seq_len
+        """A record encoded. Its augmentation draws are keyed by its place in its file (the line of its "file:line"
+        source), so every pass gives the same sample, wherever the file is."""
+        settings = self.settings
         if raw.text is not None:
-            return encode_text(self.tokenizer, raw.text, max_len)
-        if self.settings.text_only:
-            messages = [{**m, "content": m["content"].replace(IMAGE_MARKER, "")} for m in raw.conversations]
-            return encode_conversation(self.tokenizer, messages, self.image, 0, max_len)
-        return encode_conversation(self.tokenizer, raw.conversations, self.image, len(raw.images), max_len)
+            return encode_text(self.tokenizer, raw.text, settings.max_seq_len)
+        messages, n_images = raw.conversations, len(raw.images)
+        if settings.text_only:
+            messages = [{**m, "content": m["content"].replace(IMAGE_MARKER, "")} for m in messages]
+            n_images = 0
+        place = raw.source.rpartition(":")[2]
+        messages, drop_empty_think = settings.augment.draw(messages, settings.seed, place)
+        return encode_conversation(self.tokenizer, messages, self.image, n_images, settings.max_seq_len,
+                                   drop_empty_think=drop_empty_think)
 
     def __len__(self) -> int:
         return len(self.indices)

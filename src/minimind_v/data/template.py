@@ -3,31 +3,46 @@
 Roles: an optional system turn first, then user and assistant alternating, starting with user and
 ending with assistant (training) or user (a prompt). Anything else is a bad sample.
 
-Loss mask: exactly the tokens of each assistant turn's content plus its closing end-of-turn token
-(`<|im_end|>`). Nothing else is supervised: not the system or user turns, not the role header
+Loss mask (templates without a think block): exactly the tokens of each assistant turn's content plus its
+closing end-of-turn token (`<|im_end|>`). Nothing else is supervised: not the system or user turns, not the role header
 `<|im_start|>assistant\\n`, not the newline after `<|im_end|>`, not image placeholders. The spans
 come from the template itself: rendering the conversation up to turn i with the generation prompt
 gives where the answer starts, rendering it through turn i gives where it ends. The rendered text
 is cut at every span boundary and tokenised piece by piece, so the prompt part of a training
-sample is tokenised exactly as `build_prompt` tokenises it at inference.
+sample is tokenised exactly as `build_prompt` tokenises it at inference (a think template's prompt ends
+inside the supervised think block: there prompts and samples match the original's ids instead, see below).
 
 Images: each `<image>` in the text becomes `image_token_len` copies of `image_token_id`, inserted
 at the token level (never through BPE). A sample with images and no marker gets one "<image>\\n" per
 image prepended to its first user turn (what the original does); any other count mismatch is bad.
 A model with `images_first` has each user turn's markers moved before its text ("q\\n<image>" reads as
 "<image>\\nq"), in training and in prompts, so where a user puts an image cannot change its answer.
+
+The newer generation (minimind-3v): its template has a think block in every assistant turn
+(`<think>\\n{reasoning}\\n</think>\\n\\n`, empty when there is none) and an `open_thinking` switch that only the
+generation prompt reads (open: `<|im_start|>assistant\\n<think>\\n`; off: the empty block closed). Such a
+template (`has_think_switch`) is masked as the 3v original masks it (minimind-v, dataset/lm_dataset.py,
+`VLMDataset.generate_labels`): its labels start right after the `<|im_start|>assistant\\n` header and run
+through the `<|im_end|>\\n` pair, so the think block, empty or not, and the newline after `<|im_end|>` are
+learnt with the answer. Here the header is the template's own open generation prompt cut before its `<think>`.
+`ChatAugmentation` holds that recipe's random edits of a training conversation. Ids and labels equal the
+original's, but for one case: an empty think block dropped before an answer that starts with a space or tab.
+The original tokenises the whole text, so BPE merges the header's newline with those spaces, its header search
+then misses and that answer goes unlearnt; here the header keeps its own tokens, as at inference, and is learnt.
 """
 
 from __future__ import annotations
 
 import bisect
+import random
 import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from minimind_v.constants import IGNORE_INDEX, IMAGE_MARKER
 from minimind_v.data.formats import BadSample
-
+from minimind_v.errors import UserError
+from minimind_v.options import flag_name
 
 
 class ImageTokens(Protocol):
@@ -111,31 +126,91 @@ def render_chatml(messages: list[dict[str, str]], add_generation_prompt: bool = 
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+"""Where a think template's reasoning opens (its open generation prompt ends with it and a newline) and closes."""
+
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+"""What a think template writes for an answer without reasoning; what the empty-think drop removes."""
+
+_PROBE = [{"role": "user", "content": "?"}]
+_think_switches: dict[str, bool] = {}  # chat template -> has_think_switch, so a template is probed once
+
+
+def has_think_switch(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template is a think template (the 3v generation): `open_thinking` changes its
+    generation prompt, which then opens a `<think>` block. Found by rendering one question both ways."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or template == CHAT_TEMPLATE:
+        return False
+    if template not in _think_switches:
+        opened, closed = (tokenizer.apply_chat_template(_PROBE, tokenize=False, add_generation_prompt=True,
+                                                         open_thinking=switch) for switch in (True, False))
+        _think_switches[template] = opened != closed and THINK_OPEN in opened
+    return _think_switches[template]
+
+
+def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False,
+           open_thinking: bool | None = None, drop_empty_think: bool = False) -> str:
     """The tokenizer's chat template applied; our own template in plain Python, ~50x faster than through jinja
-    (a training sample renders 2 x turns + 1 times to find its loss spans)."""
+    (a training sample renders 2 x turns + 1 times to find its loss spans).
+
+    open_thinking goes to the template (None: not passed, the template's default); drop_empty_think removes
+    every EMPTY_THINK from the rendered text, as the 3v recipe does to a whole training sample."""
     if getattr(tokenizer, "chat_template", None) == CHAT_TEMPLATE:
         return render_chatml(messages, add_generation_prompt)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    switch = {} if open_thinking is None else {"open_thinking": open_thinking}
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **switch)
+    return text.replace(EMPTY_THINK, "") if drop_empty_think else text
 
 
-def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -> tuple[list[tuple[int, int]],
-                                                                                          list[int]]:
+@dataclass(frozen=True)
+class _Style:
+    """How a conversation is rendered: a think template or not, and whether its empty think blocks are dropped."""
+
+    thinks: bool
+    drop_empty_think: bool = False
+
+    def render(self, tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False,
+               open_thinking: bool | None = None) -> str:
+        return render(tokenizer, messages, add_generation_prompt, open_thinking if self.thinks else None,
+                      self.drop_empty_think)
+
+
+def _answer_start(tokenizer: Any, history: list[dict[str, str]], text: str, style: _Style) -> int:
+    """Where the supervised span of the answer after `history` starts in `text`.
+
+    Our ChatML template: after its generation prompt `<|im_start|>assistant\\n`. A think template: after the role
+    header alone (its open generation prompt cut before `<think>`), so the think block is supervised too."""
+    prompt = style.render(tokenizer, history, add_generation_prompt=True, open_thinking=True)
+    if style.thinks:
+        prompt = prompt[:max(prompt.rfind(THINK_OPEN), 0)]
+    if not prompt or not text.startswith(prompt):
+        raise ValueError("the chat template renders a conversation's prefix differently from the whole; "
+                         "cannot derive the loss mask")
+    return len(prompt)
+
+
+def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], text: str,
+                     style: _Style) -> tuple[list[tuple[int, int]], list[int]]:
     """Character spans to supervise, and the character position where each assistant turn's text ends."""
     eos = tokenizer.eos_token
     spans, turn_ends = [], []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = render(tokenizer, messages[:i + 1])
-        if not (text.startswith(before) and text.startswith(through)):
+        start = _answer_start(tokenizer, messages[:i], text, style)
+        through = style.render(tokenizer, messages[:i + 1])
+        if not text.startswith(through):
             raise ValueError("the chat template renders a conversation's prefix differently from the whole; "
                              "cannot derive the loss mask")
-        close = through.rfind(eos, len(before))
+        close = through.rfind(eos, start)
         if close < 0:
             raise ValueError(f"the chat template does not close an assistant turn with {eos!r}")
-        spans.append((len(before), close + len(eos)))
+        end = close + len(eos)
+        if style.thinks and through.startswith("\n", end):
+            end += 1  # the 3v original's labels end with the pair `<|im_end|>\n`
+        spans.append((start, end))
         turn_ends.append(len(through))
     return spans, turn_ends
 
@@ -170,28 +245,33 @@ def _tokenize_pieces(tokenizer: Any, text: str, cuts: list[int], supervised: lis
     return ids, labels, cut_tokens, image_starts
 
 
-def _encode(tokenizer: Any, messages: list[dict[str, str]], image: ImageTokens,
-            add_generation_prompt: bool) -> tuple[list[int], list[int], list[int], list[int]]:
+def _encode(tokenizer: Any, messages: list[dict[str, str]], image: ImageTokens, add_generation_prompt: bool,
+            open_thinking: bool | None = None, drop_empty_think: bool = False
+            ) -> tuple[list[int], list[int], list[int], list[int]]:
     """ids, labels, the token index where each assistant turn ends, the token index where each image starts."""
     if image.images_first:
         messages = images_first(messages)
-    text = render(tokenizer, messages, add_generation_prompt)
-    spans, turn_ends = _assistant_spans(tokenizer, messages, text)
+    style = _Style(has_think_switch(tokenizer), drop_empty_think)
+    text = style.render(tokenizer, messages, add_generation_prompt, open_thinking)
+    spans, turn_ends = _assistant_spans(tokenizer, messages, text, style)
     cuts = sorted({0, len(text), *(p for span in spans for p in span), *turn_ends})
     ids, labels, cut_tokens, image_starts = _tokenize_pieces(tokenizer, text, cuts, spans, image)
     return ids, labels, [cut_tokens[cuts.index(end)] for end in turn_ends], image_starts
 
 
 def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], image: ImageTokens,
-                        n_images: int = 0, max_seq_len: int | None = None) -> EncodedSample:
+                        n_images: int = 0, max_seq_len: int | None = None,
+                        drop_empty_think: bool = False) -> EncodedSample:
     """A training conversation -> ids and labels, truncated to max_seq_len by dropping whole trailing turns.
 
-    Raises BadSample for bad roles, a marker mismatch, or too long (the first answer with its images does
-    not fit).
+    drop_empty_think: the 3v recipe's edit, every empty think block removed from the rendered text (the answers
+    are then learnt straight after their role header). Raises BadSample for bad roles, a marker mismatch, or
+    too long (the first answer with its images does not fit).
     """
     check_roles(messages)
     messages = with_image_markers(messages, n_images)
-    ids, labels, turn_ends, image_starts = _encode(tokenizer, messages, image, add_generation_prompt=False)
+    ids, labels, turn_ends, image_starts = _encode(tokenizer, messages, image, add_generation_prompt=False,
+                                                   drop_empty_think=drop_empty_think)
     if max_seq_len is not None and len(ids) > max_seq_len:
         fitting = [end for end in turn_ends if end <= max_seq_len]
         if not fitting:
@@ -213,17 +293,21 @@ def encode_text(tokenizer: Any, text: str, max_seq_len: int | None = None) -> En
 
 
 def build_prompt(tokenizer: Any, messages: list[dict[str, str]], image_token_id: int, image_token_len: int,
-                 n_images: int | None = None, images_first: bool = False) -> list[int]:
-    """Inference prompt: the conversation so far (ending with a user turn) plus `<|im_start|>assistant\\n`.
+                 n_images: int | None = None, images_first: bool = False, open_thinking: bool = False) -> list[int]:
+    """Inference prompt: the conversation so far (ending with a user turn) plus the template's generation prompt,
+    `<|im_start|>assistant\\n` (a think template: with `<think>\\n` opened, or an empty block closed).
 
     `<image>` markers expand as in training. With n_images given and no marker in the text, the markers are
-    prepended to the first user turn, as in training. Raises BadSample on bad roles or a marker mismatch.
+    prepended to the first user turn, as in training. Raises BadSample on bad roles or a marker mismatch, and
+    ValueError for open_thinking with a template that has no think block.
     """
+    if open_thinking and not has_think_switch(tokenizer):
+        raise ValueError("open_thinking: the chat template has no think block to open")
     check_roles(messages, for_prompt=True)
     if n_images is not None:
         messages = with_image_markers(messages, n_images)
     image = _Placeholder(image_token_id, image_token_len, images_first)
-    return _encode(tokenizer, messages, image, add_generation_prompt=True)[0]
+    return _encode(tokenizer, messages, image, add_generation_prompt=True, open_thinking=open_thinking)[0]
 
 
 @dataclass
@@ -231,3 +315,59 @@ class _Placeholder:
     image_token_id: int
     image_token_len: int
     images_first: bool = False
+
+
+SYSTEM_PROMPTS = (
+    "你是一个知识丰富的AI，尽力为用户提供准确的信息。",
+    "你是minimind，一个小巧但有用的语言模型。",
+    "你是一个专业的AI助手，请提供有价值的回答。",
+    "你是minimind，请尽力帮助用户解决问题。",
+    "你是一个可靠的AI，请给出准确的回答。",
+    "You are a helpful AI assistant.",
+    "You are minimind, a lightweight intelligent assistant.",
+    "You are a friendly chatbot. Please answer the user's questions carefully.",
+    "You are a knowledgeable AI. Try your best to provide accurate information.",
+    "You are minimind, a small but useful language model.",
+)
+"""The system turns the 3v recipe picks from (the original's list, in its order)."""
+
+
+@dataclass
+class ChatAugmentation:
+    """The 3v recipe's random edits of a training conversation, both off by default (each sample as written).
+
+    The original (minimind-v, dataset/lm_dataset.py; `VLMDataset.__getitem__`, pretrain and SFT alike) makes two:
+    `pre_processing_chat` puts a system turn drawn uniformly from SYSTEM_PROMPTS before a conversation that has
+    none, with probability 0.2 (tool-use conversations are left alone; our formats carry no tools), and
+    `post_processing_chat` deletes every empty think block from the rendered text with probability 0.8 (it keeps
+    them with its `empty_think_ratio` 0.2), so most answers are learnt without one. `open_thinking` is never
+    passed in training: it only changes the generation prompt. The original draws from the process-wide
+    `random` afresh each epoch; here each record's draws come from (seed, its line) once, so the up-front
+    pass's lengths, which grouped and packed batches rely on, stay exact and a rerun sees the same samples.
+    """
+
+    system_prompt_ratio: float = 0.0
+    """Share of conversations without a system turn that get one of the 3v recipe's system prompts (its value: 0.2)."""
+    drop_empty_think_ratio: float = 0.0
+    """Share of conversations whose empty think blocks are removed before training (the 3v recipe's value: 0.8)."""
+
+    def check(self, tokenizer: Any) -> None:
+        """One line naming the flag for a ratio out of [0, 1], or an empty-think drop the template cannot do."""
+        for name in ("system_prompt_ratio", "drop_empty_think_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"{flag_name(name)} {getattr(self, name)}: must be between 0 and 1")
+        if self.drop_empty_think_ratio and not has_think_switch(tokenizer):
+            raise UserError(f"{flag_name('drop_empty_think_ratio')} {self.drop_empty_think_ratio}: the tokenizer's "
+                            "chat template writes no think block (a 2025-generation tokenizer); leave it at 0")
+
+    def draw(self, messages: list[dict[str, str]], seed: int, record: str | int) -> tuple[list[dict[str, str]], bool]:
+        """A record's conversation with its drawn system turn, and whether its empty think blocks go; `record`
+        names the record (its line), so the draws are the same on every pass."""
+        if not (self.system_prompt_ratio or self.drop_empty_think_ratio):
+            return messages, False
+        rng = random.Random(f"minimind-v augmentation {seed} {record}")  # a str seed hashes the same in every process
+        # All three draws always, so that changing one ratio never changes what the other one picks.
+        add_system, system, drop = rng.random(), rng.choice(SYSTEM_PROMPTS), rng.random()
+        if add_system < self.system_prompt_ratio and messages and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}, *messages]
+        return messages, drop < self.drop_empty_think_ratio
