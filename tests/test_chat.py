@@ -12,6 +12,7 @@ from PIL import Image
 
 from minimind_v import cli
 from minimind_v.infer.engine import Engine, SamplingParams
+from test_3v_template import think_model_dir  # noqa: F401 (a fixture)
 
 GREEDY = SamplingParams(max_new_tokens=10)
 CLI = [sys.executable, "-m", "minimind_v.cli", "chat"]
@@ -153,3 +154,27 @@ def test_new_image_starts_a_new_conversation_and_reset_keeps_the_command_line_im
     assert first == again == as_typed(engine.chat([question], [Image.open(picture)], GREEDY).text)
     assert switched == as_typed(engine.chat([question], [Image.open(blue_picture)], GREEDY).text)
     assert switched != first  # the new image, alone, is what the answer is about
+
+
+def test_open_thinking_flag_reaches_the_prompt(think_model_dir, capsys):
+    engine = Engine.load(think_model_dir, device="cpu")
+    question = [{"role": "user", "content": "what color"}]
+    answers = {}
+    for flag, open_thinking in (("--open-thinking", True), ("--no-open-thinking", False)):
+        argv = ["chat", "--model", str(think_model_dir), "--prompt", "what color", "--greedy", "--max-new-tokens", "10",
+                "--json", flag]
+        assert cli.main(argv) == 0
+        answers[open_thinking] = json.loads(capsys.readouterr().out)
+        direct = engine.chat(question, [], GREEDY, open_thinking=open_thinking)
+        assert (answers[open_thinking]["text"], answers[open_thinking]["prompt_tokens"]) == (direct.text,
+                                                                                            direct.prompt_tokens)
+    assert answers[True]["prompt_tokens"] == len(engine.prompt(question, 0, open_thinking=True))
+    assert answers[True]["prompt_tokens"] != answers[False]["prompt_tokens"]
+
+
+def test_open_thinking_without_a_think_block_is_a_one_line_error(tiny_model_dir, capsys):
+    assert cli.main(["chat", "--model", str(tiny_model_dir), "--prompt", "hi", "--open-thinking"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --open-thinking: ") and "no think block" in err and len(err.strip().splitlines()) == 1
+    assert cli.main(["chat", "--model", str(tiny_model_dir), "--prompt", "hi", "--no-open-thinking", "--greedy",
+                     "--max-new-tokens", "2"]) == 0

@@ -19,6 +19,7 @@ from minimind_v.infer.engine import Engine, SamplingParams, _Sampler
 from minimind_v.infer.streaming import Cancelled, Generation
 from minimind_v.model.llm import CausalLMOutput
 from minimind_v.model.vlm import MiniMindVLM
+from test_3v_template import make_think_tokenizer, think_model_dir  # noqa: F401 (a fixture)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"]
 
@@ -270,3 +271,39 @@ def test_a_generation_stopped_before_it_starts_never_runs_and_errors_reach_the_r
     assert list(failing) == []
     with pytest.raises(UserError, match="does not fit"):
         failing.result.result()
+
+
+def test_open_thinking_opens_the_think_block_of_a_think_template(think_model_dir):
+    engine = Engine.load(think_model_dir, "cpu")
+    question, images = [{"role": "user", "content": "<image>\nwhat color"}], [image(0)]
+    closed, opened = engine.prompt(question, 1), engine.prompt(question, 1, open_thinking=True)
+    assert engine.thinks and closed == engine.prompt(question, 1, open_thinking=False)
+    assert engine.tokenizer.decode(closed).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert engine.tokenizer.decode(opened).endswith("<|im_start|>assistant\n<think>\n")
+    assert engine.inputs(question, images, open_thinking=True)[0][0].tolist() == opened
+    params = SamplingParams(max_new_tokens=4)
+    assert engine.chat(question, images, params, open_thinking=True).prompt_tokens == len(opened)
+    assert engine.chat(question, images, params).prompt_tokens == len(closed)
+
+
+def test_open_thinking_needs_a_think_block(tiny_model_dir):
+    engine = Engine.load(tiny_model_dir, "cpu")
+    question = [{"role": "user", "content": "the cat"}]
+    assert not engine.thinks
+    with pytest.raises(UserError, match="^open_thinking: this model's chat template has no think block"):
+        engine.prompt(question, 0, open_thinking=True)
+    with pytest.raises(UserError, match="^--open-thinking: "):
+        engine.check_open_thinking(True, "--open-thinking")
+    assert engine.prompt(question, 0, open_thinking=False) == engine.prompt(question, 0)  # off: what it does
+
+
+def test_a_reasoned_answer_keeps_its_close_tag_for_the_history():
+    from minimind_v.data.template import build_prompt
+
+    tokenizer = make_think_tokenizer()
+    done, deltas = run(scripted(tokenizer, "it is red\n</think>\n\nred", then=[2]), max_new_tokens=50)
+    assert done.text == "".join(deltas) == "it is red\n</think>\n\nred"  # `</think>` is not a special token
+    history = [{"role": "user", "content": "what color"}, {"role": "assistant", "content": done.text},
+               {"role": "user", "content": "sure?"}]
+    again = tokenizer.decode(build_prompt(tokenizer, history, 3, 4))
+    assert "<|im_start|>assistant\n<think>\nit is red\n</think>\n\nred<|im_end|>" in again

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import queue
 import threading
 import time
@@ -17,7 +18,9 @@ from PIL import Image
 
 from minimind_v.infer.engine import Engine, SamplingParams
 from minimind_v.infer.serve import ServeOptions, create_app
+from minimind_v.infer.serve_schema import AnswerDeltas, split_reasoning
 from minimind_v.infer.streaming import Cancelled
+from test_3v_template import think_model_dir  # noqa: F401 (a fixture)
 
 LIMITS = dict(max_request_bytes=300_000, max_image_bytes=60_000, max_image_pixels=250_000, max_tokens_limit=40)
 
@@ -334,3 +337,88 @@ def test_a_client_that_leaves_mid_stream_stops_the_generation(engine, tiny_model
         assert httpx.get(f"{live.url}/health").json()["waiting"] == 0
     finally:
         live.close()
+
+
+@pytest.fixture(scope="module")
+def think_server(think_model_dir):
+    engine = Engine.load(think_model_dir, device="cpu")
+    live = LiveServer(create_app(engine, ServeOptions(model=str(think_model_dir), **LIMITS), model_name="tiny"))
+    live.engine = engine
+    yield live
+    live.close()
+
+
+def test_chat_template_kwargs_open_the_think_block(think_server):
+    question = [{"role": "user", "content": "the red square"}]
+
+    def ask(**extra) -> dict:
+        response = bad(think_server, json=chat_body(messages=question, max_tokens=12, temperature=0, **extra))
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    plain, closed = ask(), ask(chat_template_kwargs={"enable_thinking": False})
+    opened = ask(chat_template_kwargs={"open_thinking": True})
+    alias = ask(chat_template_kwargs={"enable_thinking": True})  # what Qwen3-style clients send
+    engine = think_server.engine
+    for reply, thinking in ((plain, False), (closed, False), (opened, True), (alias, True)):
+        direct = engine.chat(question, [], SamplingParams(max_new_tokens=12), open_thinking=thinking)
+        message = reply["choices"][0]["message"]
+        assert reply["usage"]["prompt_tokens"] == direct.prompt_tokens
+        if thinking:
+            assert (message["reasoning_content"], message["content"]) == split_reasoning(direct.text)
+        else:
+            assert "reasoning_content" not in message and message["content"] == direct.text
+    assert opened["usage"]["prompt_tokens"] != plain["usage"]["prompt_tokens"]
+
+
+def test_a_streamed_reasoned_answer_has_the_same_fields(think_server):
+    body = chat_body(messages=[{"role": "user", "content": "a blue circle"}], max_tokens=16, temperature=0,
+                     chat_template_kwargs={"open_thinking": True})
+    whole = bad(think_server, json=body).json()["choices"][0]["message"]
+    lines = bad(think_server, json={**body, "stream": True}).text.splitlines()
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == whole["reasoning_content"]
+    assert "".join(d.get("content", "") for d in deltas) == whole["content"]
+
+
+@pytest.mark.parametrize("text", ["it is red\n\n</think>\n\nred", "a</think>b", "still </thi", "x\n", "</think>",
+                                  "half </think", "plain </thinking> not a tag"])
+def test_reasoning_deltas_add_up_to_the_split_whatever_the_pieces(text):
+    for cut in range(len(text) + 1):
+        deltas = AnswerDeltas(thinking=True)
+        pieces = [text[:cut], text[cut:cut + 2], text[cut + 2:]]
+        out = [d for piece in pieces for d in deltas.feed(piece)] + deltas.feed("", final=True)
+        reasoning, reply = split_reasoning(text)
+        assert "".join(d.get("reasoning_content", "") for d in out) == reasoning
+        assert "".join(d.get("content", "") for d in out) == reply
+    assert AnswerDeltas(thinking=False).feed("a</think>b") == [{"content": "a</think>b"}]
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"open_thinking": True, "enable_thinking": False}, "chat_template_kwargs"),
+    ({"open_thinking": "yes"}, "chat_template_kwargs.open_thinking"),
+    ({"add_vision_id": True}, "chat_template_kwargs.add_vision_id"),
+])
+def test_bad_chat_template_kwargs_are_named(think_server, kwargs, param):
+    response = bad(think_server, json=chat_body(chat_template_kwargs=kwargs))
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == param and param in error["message"], error
+
+
+def test_thinking_is_refused_for_a_model_without_a_think_block(server, client):
+    import openai
+
+    for key in ("open_thinking", "enable_thinking"):
+        response = bad(server, json=chat_body(chat_template_kwargs={key: True}))
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == f"chat_template_kwargs.{key}", error
+        assert error["message"].startswith(f"chat_template_kwargs.{key}: ") and "no think block" in error["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       extra_body={"chat_template_kwargs": {"enable_thinking": True}}, stream=True)
+    off = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                         temperature=0, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    plain = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                           temperature=0)
+    assert off.choices[0].message.content == plain.choices[0].message.content

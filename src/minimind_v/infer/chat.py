@@ -4,7 +4,8 @@ Images go with the first message of a conversation, as in training: `--image` at
 one, and `/image PATH` in the middle of a conversation starts a new conversation about that image (the
 history is dropped, and the line says so). `/reset` forgets the conversation and attaches the `--image`
 images again. A message gets one `<image>` line per image put before it, unless it already has the
-markers, typed where the images should go.
+markers, typed where the images should go. `--open-thinking` lets a model with a think block (minimind-3v)
+reason before it answers; its reasoning is printed as it comes, up to `</think>`, then the answer.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class ChatOptions:
     """Longest answer, in tokens."""
     json: bool = False
     """One-shot mode: print one JSON object (text, finish_reason, token counts) instead of streaming."""
+    open_thinking: bool = False
+    """Let the model reason in its think block before answering (models whose chat template has one: minimind-3v)."""
 
 
 def main(opts: ChatOptions) -> int:
@@ -50,9 +53,10 @@ def main(opts: ChatOptions) -> int:
     params.validate()
     images = [open_image(p) for p in opts.image]
     engine = Engine.load(opts.model)
+    engine.check_open_thinking(opts.open_thinking, "--open-thinking")
     if opts.prompt is not None:
-        return _one_shot(engine, opts.prompt, images, params, opts.json)
-    _Session(engine, params, images).run()
+        return _one_shot(engine, opts.prompt, images, params, opts.json, opts.open_thinking)
+    _Session(engine, params, images, opts.open_thinking).run()
     return 0
 
 
@@ -73,13 +77,14 @@ def with_image_markers(text: str, n_images: int) -> str:
     return text if IMAGE_MARKER in text else f"{IMAGE_MARKER}\n" * n_images + text
 
 
-def _one_shot(engine: Engine, prompt: str, images: list[Image.Image], params: SamplingParams, as_json: bool) -> int:
+def _one_shot(engine: Engine, prompt: str, images: list[Image.Image], params: SamplingParams, as_json: bool,
+              open_thinking: bool) -> int:
     messages = [{"role": "user", "content": with_image_markers(prompt, len(images))}]
     if as_json:
-        done = engine.chat(messages, images, params)
+        done = engine.chat(messages, images, params, open_thinking=open_thinking)
         print(json.dumps(_as_dict(done), ensure_ascii=False))
     else:
-        engine.chat(messages, images, params, on_text=_print_delta)
+        engine.chat(messages, images, params, on_text=_print_delta, open_thinking=open_thinking)
         print()
     return 0
 
@@ -97,9 +102,11 @@ def _print_delta(delta: str) -> None:
 class _Session:
     """The interactive loop: every turn sends the whole history and every image attached so far."""
 
-    def __init__(self, engine: Engine, params: SamplingParams, images: list[Image.Image]) -> None:
+    def __init__(self, engine: Engine, params: SamplingParams, images: list[Image.Image],
+                 open_thinking: bool = False) -> None:
         self.engine = engine
         self.params = params
+        self.open_thinking = open_thinking
         self.given = list(images)  # from --image: attached again after /reset
         self.messages: list[dict] = []
         self.images: list[Image.Image] = []
@@ -151,10 +158,12 @@ class _Session:
         images = self.images + self.pending
         sys.stdout.write("model> ")
         try:
-            done = self.engine.chat(self.messages + [turn], images, self.params, on_text=_print_delta)
+            done = self.engine.chat(self.messages + [turn], images, self.params, on_text=_print_delta,
+                                    open_thinking=self.open_thinking)
         except UserError as err:  # e.g. the history outgrew the model's context: keep the session alive
             print(f"\nerror: {err} (try /reset)")
             return
         print()
+        # The whole text goes back, reasoning and `</think>` included: a think template renders it as the block.
         self.messages += [turn, {"role": "assistant", "content": done.text}]
         self.images, self.pending = images, []

@@ -9,6 +9,11 @@ before it, even when it spans tokens) or at `max_new_tokens`.
 Streaming: `on_token(row, delta)` gets text deltas whose concatenation is the row's final text.
 A delta never ends inside a multi-byte UTF-8 character, and text that might be the start of a
 stop string is held back until it is known not to be one.
+
+Thinking: a model whose chat template has a think block (the 3v generation, `thinks`) answers
+with its empty block closed in the prompt, or, with `open_thinking`, reasons first: the prompt
+then ends with `<think>\n` and the answer text is the reasoning, `</think>`, and the reply. Asking
+that of a model without a think block is a UserError (turning it off is what such a model does).
 """
 
 from __future__ import annotations
@@ -103,29 +108,47 @@ class Engine:
         return cls(model, load_tokenizer(model_dir), load_image_processor(model_dir, model.cfg), device)
 
     def chat(self, messages: list[dict], images: list[Image.Image], params: SamplingParams,
-             on_text: Callable[[str], None] | None = None) -> Completion:
+             on_text: Callable[[str], None] | None = None, open_thinking: bool = False) -> Completion:
         """Answer the last user turn of `messages`; each `<image>` in their content takes the next image.
 
         With no `<image>` marker at all, one per image is put before the first user turn (as in training).
         """
         callback = (lambda _row, delta: on_text(delta)) if on_text is not None else None
-        return self.generate([self.prompt(messages, len(images))], [images], params, callback)[0]
+        prompt = self.prompt(messages, len(images), open_thinking)
+        return self.generate([prompt], [images], params, callback)[0]
 
-    def inputs(self, messages: list[dict], images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def inputs(self, messages: list[dict], images: list[Image.Image],
+               open_thinking: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The model's inputs for a conversation: input_ids (1, T) and pixel_values (N, 3, H, W) or None."""
-        input_ids = torch.tensor([self.prompt(messages, len(images))], device=self.device)
+        input_ids = torch.tensor([self.prompt(messages, len(images), open_thinking)], device=self.device)
         return input_ids, self.encode_images(images) if images else None
 
-    def prompt(self, messages: list[dict], n_images: int) -> list[int]:
+    @property
+    def thinks(self) -> bool:
+        """The chat template has a think block that `open_thinking` opens (the 3v generation)."""
+        from minimind_v.data.template import has_think_switch
+
+        return has_think_switch(self.tokenizer)
+
+    def check_open_thinking(self, open_thinking: bool, name: str = "open_thinking") -> None:
+        """A one-line UserError naming `name` (the caller's flag or field) when thinking is asked of a model
+        without a think block."""
+        if open_thinking and not self.thinks:
+            raise UserError(f"{name}: this model's chat template has no think block to open (a 2025-generation "
+                            "tokenizer); turn it off")
+
+    def prompt(self, messages: list[dict], n_images: int, open_thinking: bool = False) -> list[int]:
         """The prompt `chat` would run, checked: roles, markers against images, and room for one new token.
 
         A UserError here is the caller's to report before anything is generated (or streamed)."""
         from minimind_v.data.formats import BadSample
         from minimind_v.data.template import build_prompt
 
+        self.check_open_thinking(open_thinking)
         try:
             prompt = build_prompt(self.tokenizer, messages, self.config.image_token_id, self.config.image_token_len,
-                                  n_images=n_images, images_first=self.config.images_first)
+                                  n_images=n_images, images_first=self.config.images_first,
+                                  open_thinking=open_thinking)
         except BadSample as err:  # wrong role order, or <image> markers that do not match the images
             raise UserError(err.detail) from None
         self._room_left([prompt], 1)

@@ -7,6 +7,8 @@ bounded queue (full: 429). Every bad request gets a 4xx with an OpenAI-style bod
 This server has one model, served under one name (`--served-model-name`; GET /v1/models lists it); a
 request that names another model in `model` gets OpenAI's 404 `model_not_found` (one that names none
 gets this one). serve_schema.py reads the requests and writes the bodies, serve_images.py loads images.
+A model with a think block (minimind-3v) reasons first when a request sends
+`"chat_template_kwargs": {"open_thinking": true}`; the answer then has `reasoning_content` apart.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from minimind_v.errors import UserError
 from minimind_v.infer.engine import Completion, Engine, SamplingParams
 from minimind_v.infer.hosting import listen_socket, served_name
 from minimind_v.infer.serve_images import load_image_url
-from minimind_v.infer.serve_schema import (APIError, chunk_body, completion_body, conversation, internal_error,
-                                           invalid_prompt, parse_request, sampling_params, schema_error,
-                                           usage_body)
+from minimind_v.infer.serve_schema import (AnswerDeltas, APIError, ChatRequest, chunk_body, completion_body,
+                                           conversation, internal_error, invalid_prompt, parse_request,
+                                           sampling_params, schema_error, thinking_switch, usage_body)
 from minimind_v.infer.streaming import Generation, TextCallback
 
 
@@ -129,18 +131,19 @@ def create_app(engine: Engine, opts: ServeOptions, model_name: str | None = None
         req = parse_request(body)
         _check_model(req.model, name)
         params = sampling_params(req, opts.max_tokens_limit)
+        thinking = _checked_thinking(engine, req)
         messages, images = conversation(req, functools.partial(load_image_url, opts))
-        prompt = _checked_prompt(engine, messages, len(images))  # refused with a 400, never inside a 200 stream
+        prompt = _checked_prompt(engine, messages, len(images), thinking)  # a 400, never inside a 200 stream
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            chunks = _stream(worker, prompt, images, params, completion_id, name, include_usage)
+            chunks = _stream(worker, prompt, images, params, _Reply(completion_id, name, thinking), include_usage)
             first = await anext(chunks)  # a refusal (queue full) still gets its status code, not a 200 stream
             return StreamingResponse(_prepend(first, chunks), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         job = worker.submit(prompt, images, params)
         done = await _await_job(job)
-        return completion_body(done, completion_id, name)
+        return completion_body(done, completion_id, name, thinking)
 
     return app
 
@@ -164,9 +167,21 @@ def _check_model(asked: str | None, name: str) -> None:
                        code="model_not_found")
 
 
-def _checked_prompt(engine: Engine, messages: list[dict[str, str]], n_images: int) -> list[int]:
+def _checked_thinking(engine: Engine, req: ChatRequest) -> bool:
+    """The request's think switch, refused with a 400 naming its field when the model has no think block
+    (turning it off is always fine: that is what such a model does)."""
+    thinking, param = thinking_switch(req)
+    if thinking:
+        try:
+            engine.check_open_thinking(thinking, param)
+        except UserError as err:
+            raise APIError(400, str(err), param=param, code="unsupported_value") from None
+    return thinking
+
+
+def _checked_prompt(engine: Engine, messages: list[dict[str, str]], n_images: int, thinking: bool) -> list[int]:
     try:
-        return engine.prompt(messages, n_images)
+        return engine.prompt(messages, n_images, open_thinking=thinking)
     except UserError as err:
         raise invalid_prompt(err) from None
 
@@ -179,20 +194,34 @@ async def _await_job(job: Generation[Completion]) -> Completion:
             raise invalid_prompt(err) from None
 
 
+@dataclass
+class _Reply:
+    """What a streamed answer's chunks carry besides its text."""
+
+    completion_id: str
+    name: str
+    thinking: bool
+
+
 async def _stream(worker: Worker, prompt: list[int], images: list[Image.Image],
-                  params: SamplingParams, completion_id: str, name: str, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: a role chunk, one chunk per text piece, a finish chunk, [usage], [DONE]."""
+                  params: SamplingParams, reply: _Reply, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: a role chunk, one chunk per text piece (reasoning apart), a finish chunk, [usage],
+    [DONE]."""
     job = worker.submit(prompt, images, params, stream=True)
     created = int(time.time())
+    deltas = AnswerDeltas(reply.thinking)
 
     def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None) -> str:
-        body = chunk_body(completion_id, created, name, delta, finish, usage)
+        body = chunk_body(reply.completion_id, created, reply.name, delta, finish, usage)
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     with job:  # a client that left mid-stream: stop the generation
         yield chunk({"role": "assistant", "content": ""})
         async for piece in job:
-            yield chunk({"content": piece})
+            for delta in deltas.feed(piece):
+                yield chunk(delta)
+        for delta in deltas.feed("", final=True):  # reasoning held back in case `</think>` came next
+            yield chunk(delta)
         try:
             done = job.result.result()
         except Exception as err:  # noqa: BLE001 (headers are gone: report in-band, as OpenAI does)

@@ -2,6 +2,11 @@
 
 A request this server cannot answer is an `APIError`: its HTTP status and OpenAI's error body
 {"error": {"message", "type", "param", "code"}}, with `param` naming the field at fault.
+
+Thinking (models whose chat template has a think block, minimind-3v): a request opens the block with
+`"chat_template_kwargs": {"open_thinking": true}`, the template's own switch, or `enable_thinking`, the name
+Qwen3-style clients send vLLM and SGLang. Such an answer comes split as those servers' reasoning parsers
+and the original minimind server split it: `reasoning_content` (up to `</think>`), then `content`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from minimind_v.constants import IMAGE_MARKER
+from minimind_v.data.template import THINK_CLOSE
 from minimind_v.errors import UserError
 from minimind_v.infer.engine import Completion, SamplingParams
 
@@ -69,6 +75,8 @@ class ChatRequest(_Schema):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
+    chat_template_kwargs: dict[str, Any] | None = None
+    """vLLM's and SGLang's extension: arguments for the chat template; this one reads its think switch only."""
 
 
 def parse_request(body: bytes) -> ChatRequest:
@@ -97,6 +105,65 @@ def schema_error(errors: list[dict[str, Any]]) -> APIError:
     param = ".".join(loc) or None
     return APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param=param,
                     code="invalid_value")
+
+
+THINKING_KEYS = ("open_thinking", "enable_thinking")
+"""The think switch's names in chat_template_kwargs: the minimind template's own, and Qwen3's."""
+
+
+def thinking_switch(req: ChatRequest) -> tuple[bool, str]:
+    """Whether the request opens the think block, and the field that says so (for an error naming it).
+
+    Any other chat_template_kwargs key is refused: the template here reads no other, so ignoring it would
+    hide a mistake."""
+    kwargs = req.chat_template_kwargs or {}
+    for key, value in kwargs.items():
+        where = f"chat_template_kwargs.{key}"
+        if key not in THINKING_KEYS:
+            raise APIError(400, f"{where}: unsupported; this server's chat template reads only "
+                                f"{' or '.join(THINKING_KEYS)}", param=where, code="unsupported_value")
+        if not isinstance(value, bool):
+            raise APIError(400, f"{where}: expected true or false, got {json.dumps(value)[:40]}", param=where,
+                           code="invalid_value")
+    given = [key for key in THINKING_KEYS if key in kwargs]
+    if len({kwargs[key] for key in given}) > 1:
+        raise APIError(400, f"chat_template_kwargs: {' and '.join(given)} disagree", param="chat_template_kwargs",
+                       code="invalid_value")
+    return bool(given) and kwargs[given[0]], f"chat_template_kwargs.{given[0] if given else THINKING_KEYS[0]}"
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """An answer begun inside an open think block -> (reasoning, reply): the text before `</think>` without its
+    trailing newlines, and the rest without its leading ones (the template's separator); all reasoning while
+    `</think>` has not come."""
+    reasoning, closed, reply = text.partition(THINK_CLOSE)
+    return (reasoning.rstrip("\n"), reply.lstrip("\n")) if closed else (reasoning, "")
+
+
+class AnswerDeltas:
+    """A streamed answer's text pieces -> chunk deltas that join up to the whole answer's fields.
+
+    Without thinking every piece is content. With it, split_reasoning of the text so far decides, and reasoning
+    that `</think>` may still follow (trailing newlines, a partial tag) is held until the next piece shows."""
+
+    def __init__(self, thinking: bool) -> None:
+        self.thinking, self.text = thinking, ""
+        self.sent = {"reasoning_content": "", "content": ""}
+
+    def feed(self, piece: str, final: bool = False) -> list[dict[str, str]]:
+        if not self.thinking:
+            return [{"content": piece}] if piece else []
+        self.text += piece
+        reasoning, reply = split_reasoning(self.text)
+        if THINK_CLOSE not in self.text and not final:
+            tail = next((n for n in range(len(THINK_CLOSE) - 1, 0, -1) if reasoning.endswith(THINK_CLOSE[:n])), 0)
+            reasoning = reasoning[:len(reasoning) - tail].rstrip("\n")
+        deltas = []
+        for key, now in (("reasoning_content", reasoning), ("content", reply)):
+            if len(now) > len(self.sent[key]):
+                deltas.append({key: now[len(self.sent[key]):]})
+                self.sent[key] = now
+        return deltas
 
 
 def sampling_params(req: ChatRequest, max_tokens_limit: int) -> SamplingParams:
@@ -163,10 +230,13 @@ def usage_body(done: Completion) -> dict[str, int]:
             "total_tokens": done.prompt_tokens + done.completion_tokens}
 
 
-def completion_body(done: Completion, completion_id: str, name: str) -> dict[str, Any]:
-    """The answer to a request without `stream`."""
+def completion_body(done: Completion, completion_id: str, name: str, thinking: bool = False) -> dict[str, Any]:
+    """The answer to a request without `stream`; one that opened the think block has its reasoning apart."""
+    message = {"role": "assistant", "content": done.text}
+    if thinking:
+        message["reasoning_content"], message["content"] = split_reasoning(done.text)
     return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
+            "choices": [{"index": 0, "message": message,
                          "logprobs": None, "finish_reason": done.finish_reason}],
             "usage": usage_body(done)}
 

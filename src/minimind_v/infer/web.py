@@ -4,6 +4,8 @@ The model is loaded once per process. Each browser session keeps its own convers
 `gr.State` (the turns the model sees, with `<image>` markers, and the image files in order), so
 nothing is shared between users; the whole history goes to the model on every turn.
 Generation runs one request at a time (the queue's concurrency limit of 1 per event).
+A model whose chat template has a think block (minimind-3v) gets a "think first" box, `open_thinking`
+for each answer it is ticked for; other models do not show it, as they have no think block to open.
 """
 
 from __future__ import annotations
@@ -67,14 +69,17 @@ def build_app(engine: Engine, title: str = "minimind-v") -> gr.Blocks:
             top_p = gr.Slider(0.05, 1.0, value=ChatOptions.top_p, step=0.05, label="top-p", elem_id="top-p")
             max_tokens = gr.Slider(8, 1024, value=ChatOptions.max_new_tokens, step=8, label="max new tokens",
                                    elem_id="max-tokens")
+            think = gr.Checkbox(value=ChatOptions.open_thinking, label="think first (open_thinking)",
+                                visible=engine.thinks, elem_id="open-thinking")
         clear = gr.Button("New conversation", variant="secondary")
 
-        def respond(display: list, convo: dict, temp: float, p: float, limit: float) -> Iterator[tuple[list, dict]]:
+        def respond(display: list, convo: dict, temp: float, p: float, limit: float,
+                    thinking: bool) -> Iterator[tuple[list, dict]]:
             params = SamplingParams(max_new_tokens=int(limit), temperature=float(temp), top_p=float(p))
-            yield from _respond(engine, display, convo, params)
+            yield from _respond(engine, display, convo, params, bool(thinking))
 
         asked = box.submit(_add_user_turn, [box, chatbot, conversation], [box, chatbot, conversation], queue=False)
-        answered = asked.then(respond, [chatbot, conversation, temperature, top_p, max_tokens],
+        answered = asked.then(respond, [chatbot, conversation, temperature, top_p, max_tokens, think],
                               [chatbot, conversation])
         answered.then(lambda: gr.MultimodalTextbox(interactive=True), None, box, queue=False)
         clear.click(lambda: ([], new_conversation(), None), None, [chatbot, conversation, box], queue=False)
@@ -94,7 +99,8 @@ def _add_user_turn(message: dict, display: list, convo: dict) -> tuple[Any, list
     return gr.MultimodalTextbox(value=None, interactive=False), display, convo
 
 
-def _respond(engine: Engine, display: list, convo: dict, params: SamplingParams) -> Iterator[tuple[list, dict]]:
+def _respond(engine: Engine, display: list, convo: dict, params: SamplingParams,
+             open_thinking: bool = False) -> Iterator[tuple[list, dict]]:
     """Stream the answer into the last chat bubble; on a refusal undo the question and say why."""
     if not convo["messages"] or convo["messages"][-1]["role"] != "user":
         return
@@ -102,7 +108,7 @@ def _respond(engine: Engine, display: list, convo: dict, params: SamplingParams)
     try:
         images = [open_image(p) for p in convo["images"]]
         text = ""
-        for text in _stream(engine, convo["messages"], images, params):
+        for text in _stream(engine, convo["messages"], images, params, open_thinking):
             display[-1] = {"role": "assistant", "content": text}
             yield display, convo
     except UserError as err:
@@ -115,12 +121,14 @@ def _respond(engine: Engine, display: list, convo: dict, params: SamplingParams)
     yield display, convo
 
 
-def _stream(engine: Engine, messages: list[dict], images: list, params: SamplingParams) -> Iterator[str]:
+def _stream(engine: Engine, messages: list[dict], images: list, params: SamplingParams,
+            open_thinking: bool = False) -> Iterator[str]:
     """The answer so far, after each streamed delta; generation runs in a thread so this can yield.
 
     When the browser goes away Gradio closes this generator; the next delta then stops the engine.
     """
-    generation = Generation(lambda on_text: engine.chat(messages, images, params, on_text=on_text))
+    generation = Generation(lambda on_text: engine.chat(messages, images, params, on_text=on_text,
+                                                        open_thinking=open_thinking))
     threading.Thread(target=generation.run, name="minimind-v-web-generate", daemon=True).start()
     text = ""
     with generation:
