@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import typing
 from pathlib import Path
 
 from minimind_v.options import add_dataclass_args, flag_name
@@ -22,8 +23,18 @@ def _train_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_fields(cls: type) -> set[str]:
+    """The fields that become flags, those of inline groups in their group's place."""
+    hints = typing.get_type_hints(cls)
+    names: set[str] = set()
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is not False:
+            names |= _flag_fields(hints[f.name]) if f.metadata.get("inline") else {f.name}
+    return names
+
+
 def test_every_train_flag_is_one_field_of_the_config_or_the_run_settings():
-    config = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli") is not False}
+    config = _flag_fields(TrainConfig)
     settings = {f.name for f in dataclasses.fields(RunSettings)}
     assert not config & settings
     parser = _train_parser()

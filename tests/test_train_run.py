@@ -218,3 +218,14 @@ def test_every_knob_that_changes_the_result_is_recorded_and_checked_on_resume(wo
     assert train(*lm_args(world, tokenizer_dir, out, "--max-steps", "2", "--lr", "0", "--max-minutes", "9",
                           "--resume")) == 2
     assert "max_minutes: 5.0 -> 9.0" in capsys.readouterr().err
+
+
+def test_the_3v_augmentations_reach_the_training_data(world, tokenizer_dir, tmp_path, capsys):
+    # The 2025 tokenizer writes no think block: asking to drop empty ones is refused, naming the flag.
+    assert train(*lm_args(world, tokenizer_dir, tmp_path / "run", "--max-steps", "1",
+                          "--drop-empty-think-ratio", "0.8")) == 2
+    assert "--drop-empty-think-ratio 0.8" in capsys.readouterr().err
+    out = tmp_path / "sys"
+    assert train(*lm_args(world, tokenizer_dir, out, "--max-steps", "1", "--system-prompt-ratio", "1")) == 0
+    saved = json.loads(next((out / "checkpoints").glob("step-*/state.json")).read_text())["config"]
+    assert saved["augment"] == {"system_prompt_ratio": 1.0, "drop_empty_think_ratio": 0.0}

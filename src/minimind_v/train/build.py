@@ -11,6 +11,7 @@ import torch
 
 from minimind_v import modeldir
 from minimind_v.data.dataset import DataSettings, VLMDataset
+from minimind_v.data.template import ChatAugmentation
 from minimind_v.data.formats import open_dataset
 from minimind_v.data.images import ImagePreprocessor
 from minimind_v.data.tokenizer import load_tokenizer
@@ -108,9 +109,12 @@ def image_preprocessor(start: Start, cfg: VLMConfig) -> ImagePreprocessor:
 
 
 def open_data(path: str, images: str | None, tokenizer: Any, cfg: VLMConfig, preprocessor: ImagePreprocessor | None,
-              max_seq_len: int, decode_images: bool) -> VLMDataset:
+              max_seq_len: int, decode_images: bool, augment: ChatAugmentation | None = None,
+              seed: int = 0) -> VLMDataset:
+    """A data set as training reads it; `augment` (seeded by `seed`) for training data only, so validation
+    scores the data as written."""
     settings = DataSettings(max_seq_len=max_seq_len, decode_images=decode_images and preprocessor is not None,
-                            text_only=preprocessor is None)
+                            text_only=preprocessor is None, augment=augment or ChatAugmentation(), seed=seed)
     dataset = VLMDataset(open_dataset(path, images), tokenizer, cfg, preprocessor, settings)
     if len(dataset) == 0:
         raise UserError(f"--data {path}: no usable sample ({len(dataset.bad_upfront)} bad)")

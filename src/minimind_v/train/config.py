@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from minimind_v.data.template import ChatAugmentation
 from minimind_v.errors import UserError
 from minimind_v.model.config import VLMConfig
 from minimind_v.options import flag_name
@@ -73,6 +74,8 @@ class TrainConfig:
     """auto: bf16 autocast on CUDA, fp32 elsewhere; fp16 uses a gradient scaler."""
     max_bad_fraction: float = 0.01
     """Share of unusable samples (broken image, malformed record, too long) above which the run stops, exit 2."""
+    augment: ChatAugmentation = field(default_factory=ChatAugmentation, metadata={"inline": True})
+    """The 3v recipe's random edits of training conversations (--system-prompt-ratio, --drop-empty-think-ratio)."""
     feature_cache: bool | None = None
     """Encode each image once with the frozen tower and train on the stored (fp16) features (default: on when
     the tower is frozen)."""

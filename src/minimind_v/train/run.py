@@ -131,16 +131,16 @@ def open_data(cfg: TrainConfig, start: build.Start, settings: RunSettings, info:
     preprocessor = build.image_preprocessor(start, cfg.model) if uses_images else None
     cached = bool(cfg.feature_cache)
 
-    def read(path: str) -> VLMDataset:
+    def read(path: str, training: bool) -> VLMDataset:
         return build.open_data(path, settings.images, start.tokenizer, cfg.model, preprocessor, cfg.max_seq_len,
-                               decode_images=not cached)
+                               decode_images=not cached, augment=cfg.augment if training else None, seed=cfg.seed)
 
-    dataset = read(settings.data)
+    dataset = read(settings.data, training=True)
     bad = dataset.tracker(cfg.max_bad_fraction)  # raises when the file is already too broken
     summary = bad.summary()
     say(f"data: {len(dataset)} usable samples of {summary['total']} in {settings.data}; "
         f"bad: {summary['bad']} {summary['reasons']}; examples: {summary['examples']}")
-    val = read(settings.val_data) if settings.val_data else None
+    val = read(settings.val_data, training=False) if settings.val_data else None
     if val is not None:
         say(f"validation: {len(val)} usable samples ({len(val.bad_upfront)} bad) in {settings.val_data}")
     pack_len = cfg.max_seq_len if cfg.batching == "packed" else None
