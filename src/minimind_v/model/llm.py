@@ -298,7 +298,13 @@ class MiniMindLM(nn.Module):
                 attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 segment_ids: Tensor | None = None, labels: Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                logits_to_keep: int | str | None = None) -> CausalLMOutput:
+                logits_to_keep: int | str | None = None, supervised_index: Tensor | None = None,
+                positions_checked: bool = False) -> CausalLMOutput:
+        """The optional arguments a training step adds after preparing its batch on the host (train/step.py):
+
+        supervised_index: (N,) long flat indices into (B*T) of the positions whose shifted label is supervised.
+        positions_checked: the host checked position_ids < max_position_embeddings; skip that check here.
+        """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         x = self.dropout(x)
         B, T, _ = x.shape
@@ -307,7 +313,8 @@ class MiniMindLM(nn.Module):
             attention_mask = None  # nothing padded: keep SDPA's fast causal path
         if position_ids is None:
             position_ids = default_positions(T, past_len, attention_mask, segment_ids, x.device)
-        if int(position_ids.max()) >= self.cfg.max_position_embeddings:
+        # Reading the maximum back waits for the device, so a training step checks on the host instead.
+        if not positions_checked and int(position_ids.max()) >= self.cfg.max_position_embeddings:
             raise ValueError(f"position {int(position_ids.max())} exceeds max_position_embeddings "
                              f"{self.cfg.max_position_embeddings}")
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]  # (B, T, D)
@@ -319,13 +326,13 @@ class MiniMindLM(nn.Module):
             new_cache.append(kv)
             if aux is not None:
                 aux_loss = aux_loss + aux
-        logits, loss, n_tokens = self._head(x, labels, logits_to_keep)
+        logits, loss, n_tokens = self._head(x, labels, logits_to_keep, supervised_index)
         if loss is not None and self.training and self.cfg.use_moe:
             loss = loss + aux_loss
         return CausalLMOutput(logits, loss, aux_loss, n_tokens, new_cache if use_cache else None)
 
-    def _head(self, h: Tensor, labels: Tensor | None,
-              logits_to_keep: int | str | None) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    def _head(self, h: Tensor, labels: Tensor | None, logits_to_keep: int | str | None,
+              supervised_index: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor]:
         """Logits as asked, and the loss; with logits_to_keep="none" the head runs only where supervised."""
         if logits_to_keep == "none":
             logits = None
@@ -339,11 +346,16 @@ class MiniMindLM(nn.Module):
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
         supervised = targets != IGNORE_INDEX
         n_tokens = supervised.sum()
-        if logits is not None and logits.shape[1] == h.shape[1]:
-            picked = logits[supervised]  # (N, V)
+        full = logits is not None and logits.shape[1] == h.shape[1]
+        if supervised_index is not None:
+            # Host-given indices: a gather of known size, where a boolean mask would wait for the device's count.
+            picked = (logits.flatten(0, 1) if full else h.flatten(0, 1)).index_select(0, supervised_index)
+            picked_targets = targets.flatten().index_select(0, supervised_index)
         else:
-            picked = self.lm_head(self.norm(h[supervised]))  # (N, V): the head only where it counts
-        total = F.cross_entropy(picked.float(), targets[supervised], reduction="sum")
+            picked, picked_targets = logits[supervised] if full else h[supervised], targets[supervised]
+        if not full:
+            picked = self.lm_head(self.norm(picked))  # (N, V): the head only where it counts
+        total = F.cross_entropy(picked.float(), picked_targets, reduction="sum")
         # With zero supervised tokens this is 0 / 1 = 0, still connected to the graph.
         return logits, total / n_tokens.clamp(min=1), n_tokens
 

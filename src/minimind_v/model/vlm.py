@@ -30,8 +30,14 @@ class MiniMindVLM(nn.Module):
         """(N, 3, H, W) or (B, N, 3, H, W) -> patch features (N_total, n_patches, vision_dim)."""
         return self.vision(pixel_values.flatten(0, pixel_values.dim() - 4))
 
-    def insert_images(self, input_ids: Tensor, embeds: Tensor, features: Tensor) -> Tensor:
-        """Replace each placeholder run by the projected features of its image, in order."""
+    def insert_images(self, input_ids: Tensor, embeds: Tensor, features: Tensor,
+                      image_index: Tensor | None = None) -> Tensor:
+        """Replace each placeholder run by the projected features of its image, in order.
+
+        image_index: (N*P,) long flat indices into (B*T) of the placeholders, row-major, given by the host.
+        """
+        if image_index is not None:
+            return self._copy_images(embeds, features, image_index)
         is_image = input_ids == self.cfg.image_token_id  # (B, T)
         n_slots, n_images = int(is_image.sum()), features.shape[0]
         expected = n_images * self.cfg.image_token_len
@@ -43,6 +49,17 @@ class MiniMindVLM(nn.Module):
         embeds[is_image] = projected.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
         return embeds
 
+    def _copy_images(self, embeds: Tensor, features: Tensor, image_index: Tensor) -> Tensor:
+        """insert_images with host-given slots: the count is a shape, so checking it never waits for the device."""
+        n_slots, n_images = image_index.numel(), features.shape[0]
+        expected = n_images * self.cfg.image_token_len
+        if n_slots != expected or features.shape[1] != self.cfg.image_token_len:
+            raise ValueError(f"{n_slots} image placeholder slots given for {n_images} images x "
+                             f"{features.shape[1]} features, which need {expected}")
+        projected = self.projector(features.to(self.projector_dtype)).reshape(-1, embeds.shape[-1])  # (N*P, C)
+        flat = embeds.flatten(0, 1).index_copy(0, image_index, projected.to(embeds.dtype))  # (B*T, C)
+        return flat.view_as(embeds)
+
     @property
     def projector_dtype(self) -> torch.dtype:
         return next(self.projector.parameters()).dtype
@@ -51,13 +68,17 @@ class MiniMindVLM(nn.Module):
                 attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 segment_ids: Tensor | None = None, labels: Tensor | None = None,
                 image_features: Tensor | None = None, past_key_values: KVCache | None = None,
-                use_cache: bool = False, logits_to_keep: int | str | None = None) -> CausalLMOutput:
+                use_cache: bool = False, logits_to_keep: int | str | None = None,
+                image_index: Tensor | None = None, supervised_index: Tensor | None = None,
+                positions_checked: bool = False) -> CausalLMOutput:
+        """image_index: see insert_images; supervised_index, positions_checked: see MiniMindLM.forward."""
         embeds = self.lm.embed_tokens(input_ids)  # (B, T, C)
         has_images = pixel_values is not None or image_features is not None
         # Decode steps with a cache carry no placeholders: their images are already in the cache.
         if has_images and not (past_key_values and not bool((input_ids == self.cfg.image_token_id).any())):
             features = image_features if image_features is not None else self.encode_images(pixel_values)
-            embeds = self.insert_images(input_ids, embeds, features)
+            embeds = self.insert_images(input_ids, embeds, features, image_index)
         return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                        segment_ids=segment_ids, labels=labels, past_key_values=past_key_values,
-                       use_cache=use_cache, logits_to_keep=logits_to_keep)
+                       use_cache=use_cache, logits_to_keep=logits_to_keep, supervised_index=supervised_index,
+                       positions_checked=positions_checked)
