@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from minimind_v.constants import IGNORE_INDEX
+from minimind_v.model.config import LMConfig, VLMConfig
 from minimind_v.train import distributed
 
 Batch = dict[str, torch.Tensor]
@@ -63,6 +64,46 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model under DDP (.module) and torch.compile (._orig_mod), whose cfg says how to prepare a batch."""
+    while (inner := getattr(model, "module", None) or getattr(model, "_orig_mod", None)) is not None:
+        model = inner
+    return model
+
+
+def host_prepared(batch: Batch, model: nn.Module) -> Batch:
+    """The batch plus what the forward would otherwise read back from the device, computed here on the host.
+
+    Flat indices of the supervised positions and of the image placeholders (the model gathers and copies at
+    them), the position limit checked, and no attention_mask when every row is right-padded: causal attention
+    already keeps real tokens off later padding, and the labels keep the padding out of the loss (not out of
+    an MoE balance loss: those keep the mask). Packed rows keep their segment_ids mask. A batch already on a
+    device, or a model without our config, is left as it is.
+    """
+    cfg = getattr(_unwrapped(model), "cfg", None)
+    lm_cfg = cfg.lm if isinstance(cfg, VLMConfig) else cfg
+    if not isinstance(lm_cfg, LMConfig) or "labels" not in batch or batch["labels"].device.type != "cpu":
+        return batch
+    out, labels = dict(batch), batch["labels"]
+    positions = batch.get("position_ids")
+    if positions is not None and int(positions.max()) >= lm_cfg.max_position_embeddings:
+        raise ValueError(f"position {int(positions.max())} exceeds max_position_embeddings "
+                         f"{lm_cfg.max_position_embeddings}")
+    out["positions_checked"] = positions is not None or labels.shape[1] <= lm_cfg.max_position_embeddings
+    mask = batch.get("attention_mask")
+    # The MoE balance loss routes the padding too, and the padding's hidden states depend on the mask.
+    moe_sees_padding = lm_cfg.use_moe and lm_cfg.aux_loss_alpha > 0
+    if mask is not None and not moe_sees_padding and bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        del out["attention_mask"]
+    supervised = torch.zeros_like(labels, dtype=torch.bool)
+    supervised[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # the model's shift: position t predicts token t+1
+    out["supervised_index"] = supervised.flatten().nonzero().squeeze(1)
+    if isinstance(cfg, VLMConfig) and (batch.get("pixel_values") is not None or
+                                       batch.get("image_features") is not None):
+        out["image_index"] = (batch["input_ids"] == cfg.image_token_id).flatten().nonzero().squeeze(1)
+    return out
+
+
 def _forward(model: nn.Module, batch: Batch, precision: Precision):
     with precision.autocast():
         # logits_to_keep="none": with labels the model runs the LM head only at supervised positions.
@@ -92,7 +133,7 @@ def train_step(model: nn.Module, micro_batches: list[Batch], optimizer: torch.op
         # DDP averages gradients over processes; multiplying by `world` turns that average into a sum.
         sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
         with sync:
-            out = _forward(model, to_device(batch, device), precision)
+            out = _forward(model, to_device(host_prepared(batch, model), device), precision)
             ce = out.loss - out.aux_loss  # mean CE over this micro-batch's n supervised tokens
             backward(ce * (n * world) / total + out.aux_loss / k, precision)
         ce_sum += ce.detach().float() * n
@@ -130,7 +171,7 @@ def validation_sums(model: nn.Module, batches: Iterator[Batch], precision: Preci
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
         n = supervised_tokens(batch)
-        out = _forward(model, to_device(batch, device), precision)
+        out = _forward(model, to_device(host_prepared(batch, model), device), precision)
         totals[0] += out.loss.double() * n
         totals[1] += n
     model.train(was_training)
