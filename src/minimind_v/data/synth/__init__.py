@@ -18,6 +18,8 @@ draws from a random generator seeded by (seed, split, i), so the same seed gives
     pairs.py      preference pairs for DPO: a question, its answer, and the answer with one fact wrong
     multi.py      questions over two images whose answers need both
     command.py    SynthOptions and the files written
+    standin.py    --like: stand-ins of the original MiniMind-V data at its real sizes (random Chinese text of the
+                  real lengths); standin_images.py: their photo-like 128x128 JPEGs, written by worker processes
     tower.py      a tower pretrained to name what covers each patch (imports torch; not re-exported here)
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -13,7 +14,9 @@ from minimind_v.data.synth.multi import MULTI_TYPES, MultiSample, make_multi
 from minimind_v.data.synth.pairs import Pair, make_pair
 from minimind_v.data.synth.questions import weighted_types
 from minimind_v.data.synth.samples import Sample, make_sample
+from minimind_v.data.synth.standin import StandinReport, write_standin
 from minimind_v.errors import UserError
+from minimind_v.options import flag_name
 
 
 @dataclass
@@ -45,10 +48,18 @@ class SynthOptions:
     image_place: Literal["before", "after", "mixed"] = "before"
     """Where the image goes in the first user turn: before the question, after it (as in the original's real
     data and OpenAI's examples), or either, half and half (docs/experiments.md: what mixed costs the quickstart)."""
+    like: Literal["minimind-v-pretrain", "minimind-v-sft"] | None = None
+    """Instead, a stand-in of this original data set at its real sizes: OUT/<stage>_data.jsonl + <stage>_images/."""
+
+
+STANDIN_FLAGS = ("out", "n", "seed", "like")
+"""The options a --like stand-in takes; any other one set is refused."""
 
 
 def write_dataset(opts: SynthOptions) -> Path:
     """Write the data set and return the path of the jsonl or parquet file."""
+    if opts.like:
+        return write_like(opts).path
     if opts.n < 1:
         raise UserError(f"--n {opts.n}: must be at least 1")
     if opts.max_turns < 1:
@@ -115,7 +126,20 @@ def _write_parquet(samples: Iterable[Sample | Pair | MultiSample], path: Path) -
     return path
 
 
+def write_like(opts: SynthOptions) -> StandinReport:
+    """The --like stand-in; an option it has no use for, set to anything but its default, is refused."""
+    for f in dataclasses.fields(opts):
+        value = getattr(opts, f.name)
+        if f.name not in STANDIN_FLAGS and value != f.default:
+            raise UserError(f"{flag_name(f.name)} {value}: has no meaning with --like {opts.like}, which takes only "
+                            "--out, --n and --seed")
+    return write_standin(opts.like, opts.n, opts.seed, Path(opts.out))
+
+
 def main(opts: SynthOptions) -> int:
+    if opts.like:
+        print(write_like(opts).summary(opts.like))
+        return 0
     path = write_dataset(opts)
     print(f"wrote {opts.n} {opts.split} samples ({opts.kind}, {opts.lang}) to {path}")
     return 0
