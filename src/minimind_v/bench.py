@@ -24,9 +24,8 @@ import copy
 import json
 import math
 import random
-import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 
 from minimind_v.constants import IGNORE_INDEX
 from minimind_v.data.images import ImagePreprocessor
-from minimind_v.devices import resolve_device
+from minimind_v.devices import bf16_peak, device_name, now, peak_memory_mb, resolve_device
 from minimind_v.errors import UserError
 from minimind_v.model.config import VLMConfig
 from minimind_v.model.vlm import MiniMindVLM
@@ -53,11 +52,6 @@ from minimind_v.train.step import Precision, apply_gradients, backward, supervis
 # Text around the image in one sample, in tokens: (prompt lo, hi), (answer lo, hi). Pretrain is the
 # original's caption data (196 image tokens + ~44 text), SFT its conversations (~300 tokens in all).
 TEXT_LENGTHS = {"pretrain": ((8, 16), (24, 48)), "sft": ((20, 60), (40, 100))}
-
-# Dense bf16 peaks (FLOP/s) by device name, most specific first.
-BF16_PEAKS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-              ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
-              ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12))
 
 
 @dataclass
@@ -135,7 +129,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     s = setup(opts)
     samples = [x for b in s.batches for x in b.samples]
     result: dict[str, Any] = {
-        "preset": opts.preset, "stage": opts.stage, "device": _device_name(s.device),
+        "preset": opts.preset, "stage": opts.stage, "device": device_name(s.device),
         "batch_size": opts.batch_size, "timed_steps": opts.steps, "warmup_steps": opts.warmup,
         "naive_max_seq_len": s.max_len,
         "mean_real_tokens_per_sample": round(sum(len(x.input_ids) for x in samples) / len(samples), 1),
@@ -162,10 +156,6 @@ def _validate(opts: BenchOptions) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
     if opts.warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {opts.warmup}")
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
 def bench_config(preset: str) -> VLMConfig:
@@ -210,10 +200,10 @@ def make_batches(model: MiniMindVLM, samples: list[Sample], batch_size: int,
     batches, encode_s = [], 0.0
     for start in range(0, len(samples), batch_size):
         pixels = torch.randn(batch_size, 3, size, size, device=device)
-        t0 = _now(device)
+        t0 = now(device)
         with torch.no_grad():
             features = model.encode_images(pixels).half()
-        encode_s += _now(device) - t0
+        encode_s += now(device) - t0
         batches.append(Batch(samples[start:start + batch_size], pixels, features))
     return batches, encode_s / len(samples)
 
@@ -269,7 +259,7 @@ def time_mode(mode: str, s: Setup, opts: BenchOptions) -> dict[str, Any]:
             losses, seconds, cpu_seconds = _timed_naive(model, cfg, s.batches, opts.warmup, s.max_len, device)
     timed = [x for b in s.batches[opts.warmup:] for x in b.samples]
     flops = sum(sample_flops(s.cfg, x, opts.stage) for x in timed)
-    peak = next((p for name, p in BF16_PEAKS if name in _device_name(device)), None) if cuda else None
+    peak = bf16_peak(device)
     return {
         "seconds_per_step": round(seconds / opts.steps, 4),
         # CPU time of this process: on a shared machine it moves far less than the wall clock does.
@@ -278,7 +268,7 @@ def time_mode(mode: str, s: Setup, opts: BenchOptions) -> dict[str, Any]:
         "real_tokens_per_s": round(sum(len(x.input_ids) for x in timed) / seconds, 1),
         "model_tflops_per_s": round(flops / seconds / 1e12, 4),
         "mfu": round(flops / seconds / peak, 4) if peak else None,
-        "peak_memory_mb": _peak_memory_mb(device),
+        "peak_memory_mb": peak_memory_mb(device),
         "first_loss": round(losses[0], 5),
         "compiled": compiled,
     }
@@ -286,18 +276,18 @@ def time_mode(mode: str, s: Setup, opts: BenchOptions) -> dict[str, Any]:
 
 def _timed_fast(model: nn.Module, cfg: TrainConfig, batches: list[Batch], warmup: int, device: torch.device,
                 multiple: int) -> tuple[list[float], float, float]:
-    """The trainer's own optimizer and step (train/step.py) on each batch; wall and CPU seconds after warmup."""
+    """The trainer's own optimizer and step (train/step.py) on each batch, which takes host tensors as the
+    trainer's loader gives them (the step prepares and moves them itself)."""
     optimizer = build_optimizer(model, cfg)
     precision = Precision.choose(cfg.dtype, device)
-    losses, start, cpu_start = [], _now(device), time.process_time()
-    for i, batch in enumerate(batches):
-        if i == warmup:
-            start, cpu_start = _now(device), time.process_time()
-        ids, labels = fast_inputs(batch, device, multiple)
+
+    def step(batch: Batch) -> float:
+        ids, labels = fast_inputs(batch, torch.device("cpu"), multiple)
         inputs = {"input_ids": ids, "labels": labels, "image_features": batch.features}
         ce_sum, _ = train_step(model, [inputs], optimizer, precision, cfg.grad_clip, device)
-        losses.append(float(ce_sum) / supervised_tokens(inputs))
-    return losses, _now(device) - start, time.process_time() - cpu_start
+        return float(ce_sum) / supervised_tokens(inputs)
+
+    return _timed(step, batches, warmup, device)
 
 
 def _timed_naive(model: nn.Module, cfg: TrainConfig, batches: list[Batch], warmup: int, max_len: int,
@@ -306,16 +296,26 @@ def _timed_naive(model: nn.Module, cfg: TrainConfig, batches: list[Batch], warmu
     (weight decay 0.01, betas 0.9/0.999, the unfused kernel) and clipping at 1."""
     optimizer = optim.build_optimizer(model, cfg.lr, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8, fused=False)
     precision = Precision.choose(cfg.dtype, device)
-    losses, start, cpu_start = [], _now(device), time.process_time()
-    for i, batch in enumerate(batches):
-        if i == warmup:
-            start, cpu_start = _now(device), time.process_time()
+
+    def step(batch: Batch) -> float:
         with precision.autocast():
             ce, aux = naive_loss(model, batch, max_len, device)
         backward(ce + aux, precision)
         apply_gradients(optimizer, precision, 1.0)
-        losses.append(float(ce.detach()))
-    return losses, _now(device) - start, time.process_time() - cpu_start
+        return float(ce.detach())
+
+    return _timed(step, batches, warmup, device)
+
+
+def _timed(step: Callable[[Batch], float], batches: list[Batch], warmup: int,
+           device: torch.device) -> tuple[list[float], float, float]:
+    """`step` on every batch: the losses, and wall and CPU seconds after the first `warmup` batches."""
+    losses, start, cpu_start = [], now(device), time.process_time()
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            start, cpu_start = now(device), time.process_time()
+        losses.append(step(batch))
+    return losses, now(device) - start, time.process_time() - cpu_start
 
 
 @contextlib.contextmanager
@@ -369,9 +369,9 @@ def generation_speed(model: MiniMindVLM, device: torch.device, seed: int, prompt
     prompt = [cfg.image_token_id] * cfg.image_token_len + [rng.choice(text_ids) for _ in range(prompt_text)]
     image = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (240, 320, 3), dtype=np.uint8))
     engine.generate([prompt], [[image]], SamplingParams(max_new_tokens=2))  # warm-up
-    t0 = _now(device)
+    t0 = now(device)
     done = engine.generate([prompt], [[image]], SamplingParams(max_new_tokens=new_tokens))[0]
-    seconds = _now(device) - t0
+    seconds = now(device) - t0
     return {"batch_size": 1, "greedy": True, "prompt_tokens": len(prompt), "new_tokens": done.completion_tokens,
             "seconds": round(seconds, 3), "new_tokens_per_s": round(done.completion_tokens / seconds, 1)}
 
@@ -382,16 +382,3 @@ def _stand_in_tokenizer(vocab_size: int) -> Any:
 
     vocab = {f"t{i}": i for i in range(vocab_size)}
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), pad_token="t0")
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def _peak_memory_mb(device: torch.device) -> dict[str, Any]:
-    if device.type == "cuda":
-        return {"kind": "cuda_max_allocated", "mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
-    # ru_maxrss is KB on Linux: the whole process's peak so far, tower and data included.
-    return {"kind": "process_peak_rss", "mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
