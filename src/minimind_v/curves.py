@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from minimind_v.fileio import atomic_write
+from minimind_v.train.metrics import save_figure
 
 
 def checkpoint_engines(run_dir: Path) -> list[tuple[Path, Any]]:
@@ -60,7 +60,7 @@ def plot_curves(points: list[dict[str, Any]], metrics: list[dict[str, Any]], beg
             ax.plot(*zip(*xy), "o-", label=label, markersize=4)
     ax.set(xlabel="minutes since the start", ylabel="held-out exact match (%)", ylim=(0, 100),
            title=f"{title}: accuracy against time")
-    _save(fig, ax, out / "accuracy.png")
+    save_figure(fig, ax, out / "accuracy.png")
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     xy = [(began_min + r["elapsed"] / 60, r["loss"]) for r in metrics if "loss" in r]
@@ -68,16 +68,4 @@ def plot_curves(points: list[dict[str, Any]], metrics: list[dict[str, Any]], beg
         ax.plot(*zip(*xy), label="training loss", linewidth=1.2)
     ax.set(xlabel="minutes since the start", ylabel="cross-entropy per answer token", yscale="log",
            title=f"{title}: training loss")
-    _save(fig, ax, out / "loss.png")
-
-
-def _save(fig: Any, ax: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    finally:
-        plt.close(fig)
+    save_figure(fig, ax, out / "loss.png")

@@ -105,8 +105,16 @@ def plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy per supervised token")
     ax.set_title(title)
+    save_figure(fig, ax, path)
+
+
+def save_figure(fig: Any, ax: Any, path: Path) -> None:
+    """A plot's grid and legend (when anything is labelled), written to `path` as a PNG atomically; the figure
+    is closed whatever happens."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
-    if train or val:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
     try:
