@@ -169,18 +169,20 @@ def world_model(cfg: Any, recipe: Recipe) -> Any:
                                images_first=recipe.images_first)
 
 
-def pretrain_world_tower(data: Path, cfg: Any, recipe: Recipe, out: Path, seed: int) -> dict[str, Any]:
+def pretrain_world_tower(data: Path, recipe: Recipe, out: Path, seed: int) -> dict[str, Any]:
     """The tiny preset's tower from scratch, taught what each grid cell holds (data/synth/tower.py) in the first
     recipe.tower_samples scenes of `data`, saved to OUT/vision."""
     from minimind_v.data.synth.tower import pretrain_tower, world_tower_data
     from minimind_v.model.vision import VisionTower
     from minimind_v.modeldir import save_tower
+    from minimind_v.presets import get_preset
 
+    vision = get_preset("tiny").vision
     torch.manual_seed(seed)
-    pixels, labels = world_tower_data(data, recipe.tower_samples, cfg.vision.image_size)
-    tower = VisionTower(cfg.vision)
+    pixels, labels = world_tower_data(data, recipe.tower_samples, vision.image_size)
+    tower = VisionTower(vision)
     report = pretrain_tower(tower, pixels, labels, recipe.tower_steps, recipe.batch_size, seed=seed)
-    save_tower(tower, out, cfg.vision.image_size)
+    save_tower(tower, out, vision.image_size)
     return vars(report)
 
 
@@ -270,8 +272,7 @@ def _run(opts: QuickstartOptions) -> int:
     with clock.phase("tokenizer"):
         tokenizer = train_world_tokenizer([data["qa"]], recipe.vocab_size, out / "tokenizer")
     with clock.phase("vision tower"):
-        fresh = resolve_start("none", "tiny", str(out / "tokenizer"), None).cfg
-        tower = pretrain_world_tower(data["qa"], fresh, recipe, out, opts.seed)
+        tower = pretrain_world_tower(data["qa"], recipe, out, opts.seed)
     start = resolve_start("none", "tiny", str(out / "tokenizer"), str(out / VISION_DIR))
     cfg = world_model(start.cfg, recipe)
     with clock.phase("planning"):
