@@ -1,12 +1,18 @@
 """Hermetic tests: no network, CPU only, tiny sizes."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # also for the CLI subprocesses some tests start
+# The up-front pass's encodings go to a folder of this session, never to the user's ~/.cache.
+os.environ.setdefault("MINIMIND_V_CACHE", tempfile.mkdtemp(prefix="minimind-v-tests-"))
+atexit.register(shutil.rmtree, os.environ["MINIMIND_V_CACHE"], True)
 
 import torch  # noqa: E402
 

@@ -2,6 +2,7 @@
 
 import io
 import json
+import pickle
 
 import numpy as np
 import pyarrow as pa
@@ -12,10 +13,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from minimind_v.data.batching import BatchPlan, Collator
+from minimind_v.data import encoded
 from minimind_v.data.dataset import DataSettings, Sample, VLMDataset
 from minimind_v.data.formats import BadSample, open_dataset
 from minimind_v.data.images import ImagePreprocessor
-from minimind_v.data.template import IGNORE_INDEX
+from minimind_v.data.chatml import CHAT_TEMPLATE, renders_as_chatml
+from minimind_v.data.template import IGNORE_INDEX, encode_conversation, encode_text
 from minimind_v.data.tokenizer import load_tokenizer
 from minimind_v.errors import UserError
 from minimind_v.model.config import VLMConfig
@@ -52,8 +55,9 @@ def folder(tmp_path):
 
 
 def _dataset(folder, tokenizer_dir, **settings):
+    settings = {"max_seq_len": 64, **settings}
     return VLMDataset(open_dataset(folder / "train.jsonl"), load_tokenizer(tokenizer_dir), IMAGE,
-                      ImagePreprocessor.for_image_size(16), DataSettings(max_seq_len=64, **settings))
+                      ImagePreprocessor.for_image_size(16), DataSettings(**settings))
 
 
 def test_up_front_pass_counts_bad_records(folder, tokenizer_dir):
@@ -117,21 +121,81 @@ def test_text_only_mode_drops_images(folder, tokenizer_dir):
     assert torch.is_tensor(ds[0].labels)
 
 
-@pytest.mark.parametrize("keep_tokens", [0, 10**6])
-def test_kept_encodings_equal_fresh_ones(folder, tokenizer_dir, keep_tokens):
-    # The up-front pass keeps what it encoded when it fits the budget; either way an item is what encoding
-    # the record again gives (ids, labels, images kept).
-    ds = _dataset(folder, tokenizer_dir, keep_tokens=keep_tokens)
-    assert (ds.store is not None) == (keep_tokens > 0)
+def _fresh(ds, index):
+    """What encoding the record again, one at a time through data/template.py, gives."""
+    raw = ds.reader[int(ds.indices[index])]
+    if raw.text is not None:
+        return encode_text(ds.tokenizer, raw.text, ds.settings.max_seq_len)
+    return encode_conversation(ds.tokenizer, raw.conversations, ds.image, len(raw.images), ds.settings.max_seq_len)
+
+
+def _items(ds):
+    return [(s.input_ids.tolist(), s.labels.tolist(), s.images) if isinstance(s, Sample) else str(s) for s in
+            (ds[i] for i in range(len(ds)))]
+
+
+@pytest.mark.parametrize("max_seq_len", [64, 57, 110, None])
+def test_items_equal_encoding_each_record_again(folder, tokenizer_dir, max_seq_len):
+    turns = _turns("<image>\nwhat?", "a") + _turns("and?", "b") + _turns("<image>\nthis?", "c")
+    with open(folder / "train.jsonl", "a") as fh:  # three turns, two images: cut between them by 110
+        fh.write(json.dumps({"conversations": turns, "image": "0.png, 1.png"}) + "\n")
+        fh.write(json.dumps({"text": "plain text " * 9}) + "\n")
+    ds = _dataset(folder, tokenizer_dir, max_seq_len=max_seq_len) if max_seq_len else \
+        VLMDataset(open_dataset(folder / "train.jsonl"), load_tokenizer(tokenizer_dir), IMAGE,
+                   ImagePreprocessor.for_image_size(16), DataSettings(max_seq_len=None))
+    assert len(ds) >= 4
     for index in range(len(ds)):
-        item = ds[index]
+        item, fresh = ds[index], _fresh(ds, index)
+        assert int(ds.lengths[index]) == len(fresh.input_ids)
         if isinstance(item, BadSample):
             continue
-        fresh = ds._encode(ds.reader[int(ds.indices[index])])
         assert item.input_ids.tolist() == fresh.input_ids and item.labels.tolist() == fresh.labels
         assert item.input_ids.dtype == torch.long and len(item.images) == fresh.n_images
 
 
-def test_encodings_over_budget_are_dropped(folder, tokenizer_dir):
-    ds = _dataset(folder, tokenizer_dir, keep_tokens=12)  # not even the first sample fits
-    assert ds.store is None and len(ds) == 6
+def test_the_pass_is_kept_on_disk_and_read_back_by_the_next_run(folder, tokenizer_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(encoded, "CHUNK", 3)  # several chunks: the worker processes and the merge are exercised
+    cache = tmp_path / "cache"
+    built = _dataset(folder, tokenizer_dir, cache_dir=cache, workers=2)
+    assert "encoded 10 records" in built.pass_note and "kept in" in built.pass_note
+    again = _dataset(folder, tokenizer_dir, cache_dir=cache, max_seq_len=36)  # another stage's length: same key
+    assert "read from" in again.pass_note and len(list(cache.iterdir())) == 1
+    assert _items(again) == _items(_dataset(folder, tokenizer_dir, max_seq_len=36))  # in memory, one process
+    assert _items(_dataset(folder, tokenizer_dir, cache_dir=cache)) == _items(built)
+    assert [str(b) for b in built.bad_upfront] == [str(b) for b in _dataset(folder, tokenizer_dir).bad_upfront]
+    restored = pickle.loads(pickle.dumps(again))  # a spawned DataLoader worker maps the files itself
+    assert restored.encodings.arrays["ids"].size and _items(restored) == _items(again)
+    with open(folder / "train.jsonl", "a") as fh:  # the file changed: encoded again under a new key
+        fh.write(json.dumps({"conversations": _turns("hi", "there")}) + "\n")
+    changed = _dataset(folder, tokenizer_dir, cache_dir=cache)
+    assert "encoded 11 records" in changed.pass_note and len(list(cache.iterdir())) == 2
+
+
+def test_an_image_found_missing_is_looked_for_again(folder, tokenizer_dir, tmp_path):
+    cache = tmp_path / "cache"
+    before = _dataset(folder, tokenizer_dir, cache_dir=cache)
+    assert "missing_image" in [b.reason for b in before.bad_upfront]
+    (folder / "images" / "missing.png").write_bytes(_png(5))
+    after = _dataset(folder, tokenizer_dir, cache_dir=cache)
+    assert "read from" in after.pass_note and "missing_image" not in [b.reason for b in after.bad_upfront]
+    assert len(after) == len(before) + 1
+
+
+def test_an_unwritable_cache_is_said_and_the_run_goes_on(folder, tokenizer_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    ds = _dataset(folder, tokenizer_dir, cache_dir=blocker / "cache")
+    assert "not kept on disk" in ds.pass_note and len(ds) == 6
+
+
+def test_a_template_the_probes_took_for_chatml_is_checked_on_real_records(folder, tokenizer_dir, tmp_path):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE.replace("message['content']", "message['content'].replace('hello', 'HI')")
+    lines = [{"conversations": _turns("hello", "hi")}] + [{"conversations": _turns(f"q{k}", "a")} for k in range(3)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert renders_as_chatml(tokenizer)  # the probes never say hello
+    ds = VLMDataset(open_dataset(tmp_path / "d.jsonl"), tokenizer, IMAGE, None, DataSettings(text_only=True))
+    assert not renders_as_chatml(tokenizer)  # the spot check of row 0 withdrew the fast path
+    assert tokenizer.decode(ds[0].input_ids).count("HI") == 1
+
+

@@ -8,7 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from minimind_v import cli
-from minimind_v.data.template import CHAT_TEMPLATE, render, render_chatml
+from minimind_v.data.chatml import CHAT_TEMPLATE, render_chatml
+from minimind_v.data.template import render
 from minimind_v.data.tokenizer import corpus_texts, load_tokenizer
 from minimind_v.errors import UserError
 

@@ -3,8 +3,10 @@ there; and what timing on a device needs (its name, its clock, its peak memory a
 
 from __future__ import annotations
 
+import os
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,3 +63,13 @@ def peak_memory_mb(device: torch.device) -> dict[str, Any]:
         return {"kind": "cuda_max_allocated", "mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
     # ru_maxrss is KB on Linux: the whole process's peak so far, tower and data included.
     return {"kind": "process_peak_rss", "mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (the interpreter and its imports included), or None off Linux."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None

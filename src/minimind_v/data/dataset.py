@@ -1,20 +1,16 @@
 """The training dataset: raw records -> token ids, labels and pixels, with bad samples skipped and counted.
 
-Up front, one pass over the file reads and tokenises every record and checks that its image files
-exist inside the image folder (images are not decoded). That pass fails fast on a file that is
-mostly broken, gives the exact count of bad records before training starts, and yields the exact
-length of every good sample, which the length-grouped and packing batch plans need. The pass keeps
-what it encoded (ids, loss mask, images kept) in flat arrays while they fit `keep_tokens`, so an
-epoch does not render the chat template again: on the synthetic world that rendering was a quarter
-of a CPU training step. A data set too large for the budget is encoded again in `__getitem__`.
-Images are decoded lazily in `__getitem__`; one that turns out corrupt makes the item a
-`BadSample` (returned, not raised, so it crosses DataLoader workers), which the collate drops and
+Up front, one pass (data/encoded.py: in worker processes, kept on disk for the next run) reads and tokenises every
+record and checks that its image files exist inside the image folder (images are not decoded). That pass fails
+fast on a file that is mostly broken, gives the exact count of bad records before training starts, and yields the
+exact length of every good sample, which the length-grouped and packing batch plans need; items are read from its
+arrays, so nothing is tokenised twice. Images are decoded lazily in `__getitem__`; one that turns out corrupt
+makes the item a `BadSample` (returned, not raised, so it crosses DataLoader workers), which the collate drops and
 hands back to the training loop for its `BadSampleTracker`.
 """
 
 from __future__ import annotations
 
-from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from minimind_v.data.formats import BadSample, ImageRef, RawSample, Reader
+from minimind_v.data import encoded, encodings
+from minimind_v.data.formats import BadSample, ImageRef, Reader
 from minimind_v.data.images import DEFAULT_MAX_PIXELS, ImageFolder, ImagePreprocessor, load_image
-from minimind_v.constants import IGNORE_INDEX, IMAGE_MARKER
-from minimind_v.data.template import ChatAugmentation, EncodedSample, ImageTokens, encode_conversation, encode_text
+from minimind_v.data.augment import ChatAugmentation
+from minimind_v.data.template import ImageTokens
 from minimind_v.errors import UserError
 
 
@@ -100,47 +97,14 @@ class DataSettings:
     """Drop images and their markers (language-model stage on conversation data)."""
     scan_images: bool = True
     """In the up-front pass, check that every image file exists (one stat per image)."""
-    keep_tokens: int = 64_000_000
-    """Keep the up-front pass's encodings while they total at most this many tokens (5 bytes each)."""
+    cache_dir: Path | None = None
+    """Where the up-front pass's encodings are kept for the next run (data/encoded.py); None: in memory only."""
+    workers: int | None = None
+    """Processes for the up-front pass (default: the CPUs this process may use, at most 8)."""
     augment: ChatAugmentation = field(default_factory=ChatAugmentation)
     """The 3v recipe's random system turn and empty-think drop, drawn once per record (off by default)."""
     seed: int = 0
     """Seeds those draws, with each record's line (train passes its --seed)."""
-
-
-class EncodingStore:
-    """Encoded samples back to back: ids (int32), loss mask (uint8), and how many images each kept.
-
-    Labels are the ids where the mask is set and IGNORE_INDEX elsewhere, which is how every encoder in
-    data/template.py builds them; `add` checks it, so a future encoder that differs fails loudly here.
-    """
-
-    def __init__(self) -> None:
-        self.ids, self.mask, self.n_images = array("i"), array("B"), array("H")
-        self.offsets = array("q", [0])
-
-    def __len__(self) -> int:
-        return len(self.n_images)
-
-    @property
-    def tokens(self) -> int:
-        return len(self.ids)
-
-    def add(self, encoded: EncodedSample) -> None:
-        mask = [label != IGNORE_INDEX for label in encoded.labels]
-        if any(keep and label != i for keep, label, i in zip(mask, encoded.labels, encoded.input_ids)):
-            raise ValueError("EncodingStore: a label differs from its input id")
-        self.ids.extend(encoded.input_ids)
-        self.mask.extend(mask)
-        self.n_images.append(encoded.n_images)
-        self.offsets.append(len(self.ids))
-
-    def get(self, k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(input_ids, labels, n_images) of the k-th sample added."""
-        start, end = self.offsets[k], self.offsets[k + 1]
-        ids = torch.frombuffer(self.ids, dtype=torch.int32, offset=4 * start, count=end - start).long()
-        mask = torch.frombuffer(self.mask, dtype=torch.uint8, offset=start, count=end - start).bool()
-        return ids, ids.masked_fill(~mask, IGNORE_INDEX), self.n_images[k]
 
 
 class VLMDataset(torch.utils.data.Dataset):
@@ -149,50 +113,18 @@ class VLMDataset(torch.utils.data.Dataset):
     def __init__(self, reader: Reader, tokenizer: Any, image: ImageTokens, preprocessor: ImagePreprocessor | None,
                  settings: DataSettings | None = None) -> None:
         self.reader, self.tokenizer, self.image, self.preprocessor = reader, tokenizer, image, preprocessor
-        self.settings = settings or DataSettings()
-        if self.settings.decode_images and preprocessor is None and not self.settings.text_only:
+        self.settings = settings = settings or DataSettings()
+        if settings.decode_images and preprocessor is None and not settings.text_only:
             raise ValueError("decode_images needs an ImagePreprocessor")
-        self.settings.augment.check(tokenizer)
-        self.store: EncodingStore | None = EncodingStore()
+        settings.augment.check(tokenizer)
         self.folder = ImageFolder(reader.images_dir or Path("."))
-        self.indices, self.lengths, self.bad_upfront = self._scan()
-
-    def _scan(self) -> tuple[np.ndarray, np.ndarray, list[BadSample]]:
-        indices, lengths, bad = [], [], []
-        store = self.store
-        for i in range(len(self.reader)):
-            try:
-                raw = self.reader[i]
-                encoded = self._encode(raw)
-                if self.settings.scan_images:
-                    self._resolve(raw.images[:encoded.n_images])
-            except BadSample as err:
-                err.source = err.source or self.reader.source(i)
-                bad.append(err)
-                continue
-            indices.append(i)
-            lengths.append(len(encoded.input_ids))
-            if store is not None:
-                if store.tokens + len(encoded.input_ids) > self.settings.keep_tokens:
-                    store = self.store = None  # too large to keep: __getitem__ encodes again
-                else:
-                    store.add(encoded)
-        return np.asarray(indices, dtype=np.int64), np.asarray(lengths, dtype=np.int64), bad
-
-    def _encode(self, raw: RawSample) -> EncodedSample:
-        """A record encoded. Its augmentation draws are keyed by its place in its file (the line of its "file:line"
-        source), so every pass gives the same sample, wherever the file is."""
-        settings = self.settings
-        if raw.text is not None:
-            return encode_text(self.tokenizer, raw.text, settings.max_seq_len)
-        messages, n_images = raw.conversations, len(raw.images)
-        if settings.text_only:
-            messages = [{**m, "content": m["content"].replace(IMAGE_MARKER, "")} for m in messages]
-            n_images = 0
-        place = raw.source.rpartition(":")[2]
-        messages, drop_empty_think = settings.augment.draw(messages, settings.seed, place)
-        return encode_conversation(self.tokenizer, messages, self.image, n_images, settings.max_seq_len,
-                                   drop_empty_think=drop_empty_think)
+        job = encoded.PassJob(reader, tokenizer, image, settings.text_only, settings.augment, settings.seed,
+                              settings.scan_images)
+        self.encodings, self.pass_note = encodings.open_encodings(job, settings.cache_dir, settings.workers)
+        self.samples, self.lengths, self.n_images, bad = self.encodings.select(settings.max_seq_len)
+        self.indices = np.asarray(self.encodings.arrays["rows"])[self.samples]
+        rejected = sorted(self.encodings.bad_rows + bad)
+        self.bad_upfront = [BadSample(reason, detail, reader.source(row)) for row, reason, detail in rejected]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -200,21 +132,22 @@ class VLMDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Sample | BadSample:
         row = int(self.indices[index])
         try:
-            raw = self.reader[row]
-            if self.store is not None:
-                ids, labels, n_images = self.store.get(index)
-            else:
-                encoded = self._encode(raw)
-                ids, labels, n_images = torch.tensor(encoded.input_ids), torch.tensor(encoded.labels), encoded.n_images
-            refs = self._resolve(raw.images[:n_images])
+            ids, labels = self.encodings.tokens(int(self.samples[index]), int(self.lengths[index]),
+                                                int(self.n_images[index]))
+            refs = self._refs(index)
             pixels = self._pixels(refs) if self.settings.decode_images and refs else None
         except BadSample as err:
             err.source = err.source or self.reader.source(row)
             return err
-        return Sample(ids, labels, pixels, refs, raw.source)
+        return Sample(torch.from_numpy(ids), torch.from_numpy(labels), pixels, refs, self.reader.source(row))
 
-    def _resolve(self, refs: list[ImageRef]) -> list[ImageRef]:
-        return [str(self.folder.resolve(ref)) if isinstance(ref, str) else ref for ref in refs]
+    def _refs(self, index: int) -> list[ImageRef]:
+        """The sample's images: stored names resolved in the image folder, bytes read from the record."""
+        n_images = int(self.n_images[index])
+        names = self.encodings.names(int(self.samples[index]), n_images)
+        if any(isinstance(name, bytes) for name in names):
+            names = self.reader[int(self.indices[index])].images[:n_images]
+        return [str(self.folder.resolve(ref)) if isinstance(ref, str) else ref for ref in names]
 
     def _pixels(self, refs: list[ImageRef]) -> torch.Tensor:
         images = [load_image(ref, self.settings.max_pixels) for ref in refs]
@@ -222,11 +155,8 @@ class VLMDataset(torch.utils.data.Dataset):
 
     def images(self, index: int) -> list[ImageRef]:
         """The images sample `index` uses, resolved; [] when its record has turned bad (e.g. to fill a feature cache)."""
-        row = int(self.indices[index])
         try:
-            raw = self.reader[row]
-            n_images = self.store.n_images[index] if self.store is not None else self._encode(raw).n_images
-            return self._resolve(raw.images[:n_images])
+            return self._refs(index)
         except BadSample:
             return []
 

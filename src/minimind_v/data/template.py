@@ -34,15 +34,13 @@ then misses and that answer goes unlearnt; here the header keeps its own tokens,
 from __future__ import annotations
 
 import bisect
-import random
 import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from minimind_v.constants import IGNORE_INDEX, IMAGE_MARKER
+from minimind_v.data.chatml import CHAT_TEMPLATE, DEFAULT_SYSTEM, render_chatml, renders_as_chatml
 from minimind_v.data.formats import BadSample
-from minimind_v.errors import UserError
-from minimind_v.options import flag_name
 
 
 class ImageTokens(Protocol):
@@ -98,34 +96,6 @@ def images_first(messages: list[dict[str, str]]) -> list[dict[str, str]]:
     return out
 
 
-DEFAULT_SYSTEM = "You are a helpful assistant"
-"""The system turn CHAT_TEMPLATE writes when a conversation has none."""
-
-CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else -%}"
-    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{%- if not (loop.first and message['role'] == 'system') -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
-"""The ChatML template of tokenizers trained by `minimind-v tokenizer`; renders as the original MiniMind's."""
-
-
-def render_chatml(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    """CHAT_TEMPLATE in plain Python (tests check it renders the same text as the template itself)."""
-    system = messages[0]["content"] if messages[0]["role"] == "system" else DEFAULT_SYSTEM
-    body = messages[1:] if messages[0]["role"] == "system" else messages
-    text = f"<|im_start|>system\n{system}<|im_end|>\n"
-    text += "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in body)
-    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-
-
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 """Where a think template's reasoning opens (its open generation prompt ends with it and a newline) and closes."""
 
@@ -151,12 +121,12 @@ def has_think_switch(tokenizer: Any) -> bool:
 
 def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False,
            open_thinking: bool | None = None, drop_empty_think: bool = False) -> str:
-    """The tokenizer's chat template applied; our own template in plain Python, ~50x faster than through jinja
-    (a training sample renders 2 x turns + 1 times to find its loss spans).
+    """The tokenizer's chat template applied; a ChatML template in plain Python (`renders_as_chatml`), as a
+    training sample renders 2 x turns + 1 times to find its loss spans.
 
     open_thinking goes to the template (None: not passed, the template's default); drop_empty_think removes
     every EMPTY_THINK from the rendered text, as the 3v recipe does to a whole training sample."""
-    if getattr(tokenizer, "chat_template", None) == CHAT_TEMPLATE:
+    if open_thinking is None and renders_as_chatml(tokenizer):
         return render_chatml(messages, add_generation_prompt)
     switch = {} if open_thinking is None else {"open_thinking": open_thinking}
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
@@ -215,48 +185,145 @@ def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], text: str,
     return spans, turn_ends
 
 
-def _tokenize_pieces(tokenizer: Any, text: str, cuts: list[int], supervised: list[tuple[int, int]],
-                     image: ImageTokens) -> tuple[list[int], list[int], list[int], list[int]]:
-    """Tokenise text piece by piece between cuts; returns ids, labels, the token index of every cut, image starts."""
-    pieces: list[tuple[str, bool]] = []  # (text, supervised); None text = one image placeholder run
-    cut_piece: list[int] = []
+@dataclass
+class Pieces:
+    """A conversation's rendered text cut where its loss mask changes and at its images, not yet tokenised: so many
+    conversations can be tokenised in one call (`tokenize_many`)."""
+
+    parts: list[tuple[str | None, bool]]
+    """(text, supervised) in order; None text = one image placeholder run."""
+    turn_cuts: list[int]
+    """How many parts precede the end of each assistant turn."""
+
+    @property
+    def texts(self) -> list[str]:
+        return [part for part, _ in self.parts if part is not None]
+
+
+@dataclass
+class FullEncoding:
+    """A training conversation (or text) encoded whole; `truncate` makes it an EncodedSample for a max_seq_len."""
+
+    input_ids: list[int]
+    labels: list[int]
+    turn_ends: list[int]
+    """Token index where each assistant turn ends (its end-of-turn token included); [len] for a text record."""
+    image_starts: list[int]
+    """Token index where each image's placeholder run starts."""
+    is_text: bool = False
+
+    def truncate(self, max_seq_len: int | None) -> EncodedSample:
+        ids, labels = self.input_ids, self.labels
+        if max_seq_len is not None and len(ids) > max_seq_len:
+            if self.is_text:
+                ids, labels = ids[:max_seq_len or None], labels[:max_seq_len or None]
+                if len(ids) < 2:
+                    raise BadSample("no_supervised_tokens", f"max_seq_len {max_seq_len} leaves under two tokens")
+            else:
+                fitting = [end for end in self.turn_ends if end <= max_seq_len]
+                if not fitting:
+                    raise BadSample("too_long", f"first answer ends at token {self.turn_ends[0]} > max_seq_len "
+                                                f"{max_seq_len}")
+                ids, labels = ids[:fitting[-1]], labels[:fitting[-1]]
+        # At least one answer survives and its <|im_end|> is supervised, so the loss never divides by zero.
+        return EncodedSample(ids, labels, bisect.bisect_left(self.image_starts, len(ids)))
+
+
+def tokenize_many(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Ids of each text, no special tokens added: what `tokenizer(texts, add_special_tokens=False)` gives, through
+    the Rust tokenizer's batch call when there is one (a tenth of the cost per text)."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [encoding.ids for encoding in batch(texts, add_special_tokens=False)]
+
+
+def _cut(text: str, cuts: list[int], supervised: list[tuple[int, int]], turn_ends: list[int]) -> Pieces:
+    parts: list[tuple[str | None, bool]] = []
+    parts_before = [0]  # parts before each cut
     for start, end in zip(cuts, cuts[1:]):
         is_supervised = any(s <= start and end <= e for s, e in supervised)
         for k, part in enumerate(text[start:end].split(IMAGE_MARKER)):
             if k:
-                pieces.append((None, False))
+                parts.append((None, False))
             if part:
-                pieces.append((part, is_supervised))
-        cut_piece.append(len(pieces))
-    texts = [p for p, _ in pieces if p is not None]
-    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
-    ids, labels, image_starts, piece_ends = [], [], [], []
-    for part, is_supervised in pieces:
+                parts.append((part, is_supervised))
+        parts_before.append(len(parts))
+    return Pieces(parts, [parts_before[cuts.index(end)] for end in turn_ends])
+
+
+def assemble(pieces: Pieces, text_ids: Any, image: ImageTokens) -> FullEncoding:
+    """The ids and labels of `pieces`, given an iterator over the ids of its texts in order."""
+    ids: list[int] = []
+    labels: list[int] = []
+    image_starts, part_ends = [], []
+    for part, is_supervised in pieces.parts:
         if part is None:
             image_starts.append(len(ids))
             ids += [image.image_token_id] * image.image_token_len
             labels += [IGNORE_INDEX] * image.image_token_len
         else:
-            piece_ids = next(encoded)
-            ids += piece_ids
-            labels += piece_ids if is_supervised else [IGNORE_INDEX] * len(piece_ids)
-        piece_ends.append(len(ids))
-    cut_tokens = [0] + [piece_ends[n - 1] if n else 0 for n in cut_piece]  # token index of each cut
-    return ids, labels, cut_tokens, image_starts
+            part_ids = next(text_ids)
+            ids += part_ids
+            labels += part_ids if is_supervised else [IGNORE_INDEX] * len(part_ids)
+        part_ends.append(len(ids))
+    turn_ends = [part_ends[n - 1] if n else 0 for n in pieces.turn_cuts]
+    return FullEncoding(ids, labels, turn_ends, image_starts)
 
 
-def _encode(tokenizer: Any, messages: list[dict[str, str]], image: ImageTokens, add_generation_prompt: bool,
-            open_thinking: bool | None = None, drop_empty_think: bool = False
-            ) -> tuple[list[int], list[int], list[int], list[int]]:
-    """ids, labels, the token index where each assistant turn ends, the token index where each image starts."""
+def _add(parts: list[tuple[str | None, bool]], text: str, supervised: bool) -> None:
+    for k, part in enumerate(text.split(IMAGE_MARKER)):
+        if k:
+            parts.append((None, False))
+        if part:
+            parts.append((part, supervised))
+
+
+def _chatml_pieces(messages: list[dict[str, str]], add_generation_prompt: bool) -> Pieces:
+    """What the rendering and span search below give for a ChatML template whose end-of-turn token is
+    `<|im_end|>` (tested equal), built in one pass over the turns: the up-front pass over a large data set
+    spends most of its time here."""
+    system = messages[0]["content"] if messages[0]["role"] == "system" else DEFAULT_SYSTEM
+    body = messages[1:] if messages[0]["role"] == "system" else messages
+    parts: list[tuple[str | None, bool]] = []
+    turn_cuts = []
+    pending = f"<|im_start|>system\n{system}<|im_end|>\n"
+    for message in body:
+        if message["role"] == "assistant":
+            _add(parts, pending + "<|im_start|>assistant\n", False)
+            _add(parts, message["content"] + "<|im_end|>", True)
+            _add(parts, "\n", False)
+            turn_cuts.append(len(parts))
+            pending = ""
+        else:
+            pending += f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n"
+    _add(parts, pending + ("<|im_start|>assistant\n" if add_generation_prompt else ""), False)
+    return Pieces(parts, turn_cuts)
+
+
+def _pieces(tokenizer: Any, messages: list[dict[str, str]], image: ImageTokens, add_generation_prompt: bool,
+            open_thinking: bool | None = None, drop_empty_think: bool = False) -> Pieces:
     if image.images_first:
         messages = images_first(messages)
+    if (open_thinking is None and not drop_empty_think and renders_as_chatml(tokenizer)
+            and tokenizer.eos_token == "<|im_end|>"):
+        return _chatml_pieces(messages, add_generation_prompt)
     style = _Style(has_think_switch(tokenizer), drop_empty_think)
     text = style.render(tokenizer, messages, add_generation_prompt, open_thinking)
     spans, turn_ends = _assistant_spans(tokenizer, messages, text, style)
     cuts = sorted({0, len(text), *(p for span in spans for p in span), *turn_ends})
-    ids, labels, cut_tokens, image_starts = _tokenize_pieces(tokenizer, text, cuts, spans, image)
-    return ids, labels, [cut_tokens[cuts.index(end)] for end in turn_ends], image_starts
+    return _cut(text, cuts, spans, turn_ends)
+
+
+def conversation_pieces(tokenizer: Any, messages: list[dict[str, str]], image: ImageTokens, n_images: int = 0,
+                        drop_empty_think: bool = False) -> Pieces:
+    """A training conversation checked (roles, image markers) and cut, ready to tokenise; BadSample if unusable."""
+    check_roles(messages)
+    messages = with_image_markers(messages, n_images)
+    return _pieces(tokenizer, messages, image, add_generation_prompt=False, drop_empty_think=drop_empty_think)
 
 
 def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], image: ImageTokens,
@@ -268,28 +335,23 @@ def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], image: I
     are then learnt straight after their role header). Raises BadSample for bad roles, a marker mismatch, or
     too long (the first answer with its images does not fit).
     """
-    check_roles(messages)
-    messages = with_image_markers(messages, n_images)
-    ids, labels, turn_ends, image_starts = _encode(tokenizer, messages, image, add_generation_prompt=False,
-                                                   drop_empty_think=drop_empty_think)
-    if max_seq_len is not None and len(ids) > max_seq_len:
-        fitting = [end for end in turn_ends if end <= max_seq_len]
-        if not fitting:
-            raise BadSample("too_long", f"first answer ends at token {turn_ends[0]} > max_seq_len {max_seq_len}")
-        ids, labels = ids[:fitting[-1]], labels[:fitting[-1]]
-    # At least one answer survives and its <|im_end|> is supervised, so the loss never divides by zero.
-    return EncodedSample(ids, labels, bisect.bisect_left(image_starts, len(ids)))
+    pieces = conversation_pieces(tokenizer, messages, image, n_images, drop_empty_think)
+    return assemble(pieces, iter(tokenize_many(tokenizer, pieces.texts)), image).truncate(max_seq_len)
+
+
+def text_encoding(tokenizer: Any, text: str) -> FullEncoding:
+    """A plain-text record encoded whole; BadSample if unusable."""
+    if IMAGE_MARKER in text:
+        raise BadSample("marker_mismatch", f"{IMAGE_MARKER} in a plain-text record")
+    ids = (tokenize_many(tokenizer, [text])[0] if text else []) + [tokenizer.eos_token_id]
+    if len(ids) < 2:
+        raise BadSample("no_supervised_tokens", "empty text")
+    return FullEncoding(ids, list(ids), [len(ids)], [], is_text=True)
 
 
 def encode_text(tokenizer: Any, text: str, max_seq_len: int | None = None) -> EncodedSample:
     """A plain-text record (language-model stage): every token is supervised, closed by the end-of-text token."""
-    if IMAGE_MARKER in text:
-        raise BadSample("marker_mismatch", f"{IMAGE_MARKER} in a plain-text record")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = ids[:max_seq_len] if max_seq_len else ids
-    if len(ids) < 2:
-        raise BadSample("no_supervised_tokens", "empty text")
-    return EncodedSample(ids, list(ids), 0)
+    return text_encoding(tokenizer, text).truncate(max_seq_len)
 
 
 def build_prompt(tokenizer: Any, messages: list[dict[str, str]], image_token_id: int, image_token_len: int,
@@ -307,7 +369,8 @@ def build_prompt(tokenizer: Any, messages: list[dict[str, str]], image_token_id:
     if n_images is not None:
         messages = with_image_markers(messages, n_images)
     image = _Placeholder(image_token_id, image_token_len, images_first)
-    return _encode(tokenizer, messages, image, add_generation_prompt=True, open_thinking=open_thinking)[0]
+    pieces = _pieces(tokenizer, messages, image, add_generation_prompt=True, open_thinking=open_thinking)
+    return assemble(pieces, iter(tokenize_many(tokenizer, pieces.texts)), image).input_ids
 
 
 @dataclass
@@ -315,59 +378,3 @@ class _Placeholder:
     image_token_id: int
     image_token_len: int
     images_first: bool = False
-
-
-SYSTEM_PROMPTS = (
-    "你是一个知识丰富的AI，尽力为用户提供准确的信息。",
-    "你是minimind，一个小巧但有用的语言模型。",
-    "你是一个专业的AI助手，请提供有价值的回答。",
-    "你是minimind，请尽力帮助用户解决问题。",
-    "你是一个可靠的AI，请给出准确的回答。",
-    "You are a helpful AI assistant.",
-    "You are minimind, a lightweight intelligent assistant.",
-    "You are a friendly chatbot. Please answer the user's questions carefully.",
-    "You are a knowledgeable AI. Try your best to provide accurate information.",
-    "You are minimind, a small but useful language model.",
-)
-"""The system turns the 3v recipe picks from (the original's list, in its order)."""
-
-
-@dataclass
-class ChatAugmentation:
-    """The 3v recipe's random edits of a training conversation, both off by default (each sample as written).
-
-    The original (minimind-v, dataset/lm_dataset.py; `VLMDataset.__getitem__`, pretrain and SFT alike) makes two:
-    `pre_processing_chat` puts a system turn drawn uniformly from SYSTEM_PROMPTS before a conversation that has
-    none, with probability 0.2 (tool-use conversations are left alone; our formats carry no tools), and
-    `post_processing_chat` deletes every empty think block from the rendered text with probability 0.8 (it keeps
-    them with its `empty_think_ratio` 0.2), so most answers are learnt without one. `open_thinking` is never
-    passed in training: it only changes the generation prompt. The original draws from the process-wide
-    `random` afresh each epoch; here each record's draws come from (seed, its line) once, so the up-front
-    pass's lengths, which grouped and packed batches rely on, stay exact and a rerun sees the same samples.
-    """
-
-    system_prompt_ratio: float = 0.0
-    """Share of conversations without a system turn that get one of the 3v recipe's system prompts (its value: 0.2)."""
-    drop_empty_think_ratio: float = 0.0
-    """Share of conversations whose empty think blocks are removed before training (the 3v recipe's value: 0.8)."""
-
-    def check(self, tokenizer: Any) -> None:
-        """One line naming the flag for a ratio out of [0, 1], or an empty-think drop the template cannot do."""
-        for name in ("system_prompt_ratio", "drop_empty_think_ratio"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise UserError(f"{flag_name(name)} {getattr(self, name)}: must be between 0 and 1")
-        if self.drop_empty_think_ratio and not has_think_switch(tokenizer):
-            raise UserError(f"{flag_name('drop_empty_think_ratio')} {self.drop_empty_think_ratio}: the tokenizer's "
-                            "chat template writes no think block (a 2025-generation tokenizer); leave it at 0")
-
-    def draw(self, messages: list[dict[str, str]], seed: int, record: str | int) -> tuple[list[dict[str, str]], bool]:
-        """A record's conversation with its drawn system turn, and whether its empty think blocks go; `record`
-        names the record (its line), so the draws are the same on every pass."""
-        if not (self.system_prompt_ratio or self.drop_empty_think_ratio):
-            return messages, False
-        rng = random.Random(f"minimind-v augmentation {seed} {record}")  # a str seed hashes the same in every process
-        # All three draws always, so that changing one ratio never changes what the other one picks.
-        add_system, system, drop = rng.random(), rng.choice(SYSTEM_PROMPTS), rng.random()
-        if add_system < self.system_prompt_ratio and messages and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system}, *messages]
-        return messages, drop < self.drop_empty_think_ratio

@@ -16,7 +16,7 @@ from typing import Any
 
 from minimind_v.data.formats import BadSample, open_dataset
 from minimind_v.constants import IMAGE_MARKER
-from minimind_v.data.template import CHAT_TEMPLATE, DEFAULT_SYSTEM
+from minimind_v.data.chatml import CHAT_TEMPLATE, DEFAULT_SYSTEM
 from minimind_v.errors import UserError
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"]

@@ -14,16 +14,24 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, CLIPVisionModel, PreTrainedModel, SiglipVisionModel, Siglip2VisionModel
+from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from minimind_v.model.config import VisionConfig
 
-FAMILIES: dict[str, type[PreTrainedModel]] = {
-    "clip": CLIPVisionModel,
-    "siglip": SiglipVisionModel,
-    "siglip2": Siglip2VisionModel,
+FAMILIES: dict[str, str] = {
+    "clip": "CLIPVisionModel",
+    "siglip": "SiglipVisionModel",
+    "siglip2": "Siglip2VisionModel",
 }
+"""Each family's transformers class, by name: importing one family's modelling code takes seconds, so only the
+family a run uses is imported (`family_class`)."""
+
+
+def family_class(family: str) -> type[PreTrainedModel]:
+    import transformers
+
+    return getattr(transformers, FAMILIES[family])
 # The modules of each family's vision model that the features never pass through: CLIP's features are read before
 # its post-layernorm; SigLIP's after it, and SigLIP's pooling head only makes the pooled output.
 UNUSED_BY_FEATURES: dict[str, tuple[str, ...]] = {
@@ -60,7 +68,7 @@ class VisionTower(nn.Module):
             init = dict(cfg.init)
             self.family = family_of(init.get("model_type", ""))
             config = AutoConfig.for_model(init.pop("model_type"), **init)
-            self.model = FAMILIES[self.family](config)
+            self.model = family_class(self.family)(config)
             if cfg.position_init_std is not None:
                 _init_positions(self.model, cfg.position_init_std)
         else:
@@ -147,7 +155,7 @@ def _load_pretrained(source: str) -> tuple[str, PreTrainedModel]:
         config = AutoConfig.from_pretrained(source)
         family = family_of(config.model_type)
         with quiet_transformers():
-            model, info = FAMILIES[family].from_pretrained(source, output_loading_info=True)
+            model, info = family_class(family).from_pretrained(source, output_loading_info=True)
         unused = [k for k in info["unexpected_keys"] if not k.startswith("vision_model.")]
         full = not config.model_type.endswith("_vision_model")
         expected_report = full and not (info["missing_keys"] or info["mismatched_keys"] or info["error_msgs"]

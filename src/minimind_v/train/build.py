@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from minimind_v import modeldir
+from minimind_v.data import encodings
 from minimind_v.data.dataset import DataSettings, VLMDataset
-from minimind_v.data.template import ChatAugmentation
+from minimind_v.data.augment import ChatAugmentation
 from minimind_v.data.formats import open_dataset
 from minimind_v.data.images import ImagePreprocessor
 from minimind_v.data.tokenizer import load_tokenizer
@@ -108,13 +109,21 @@ def image_preprocessor(start: Start, cfg: VLMConfig) -> ImagePreprocessor:
     return ImagePreprocessor.from_pretrained(cfg.vision.name_or_path)
 
 
+def encodings_dir(value: str | None) -> Path | None:
+    """--encodings-dir as a folder: the default cache, or None for 'none'."""
+    if value is None:
+        return encodings.default_root()
+    return None if value.lower() == "none" else Path(value)
+
+
 def open_data(path: str, images: str | None, tokenizer: Any, cfg: VLMConfig, preprocessor: ImagePreprocessor | None,
               max_seq_len: int, decode_images: bool, augment: ChatAugmentation | None = None,
-              seed: int = 0) -> VLMDataset:
+              seed: int = 0, cache_dir: Path | None = None) -> VLMDataset:
     """A data set as training reads it; `augment` (seeded by `seed`) for training data only, so validation
-    scores the data as written."""
+    scores the data as written; the up-front pass's encodings kept in `cache_dir`."""
     settings = DataSettings(max_seq_len=max_seq_len, decode_images=decode_images and preprocessor is not None,
-                            text_only=preprocessor is None, augment=augment or ChatAugmentation(), seed=seed)
+                            text_only=preprocessor is None, augment=augment or ChatAugmentation(), seed=seed,
+                            cache_dir=cache_dir)
     dataset = VLMDataset(open_dataset(path, images), tokenizer, cfg, preprocessor, settings)
     if len(dataset) == 0:
         raise UserError(f"--data {path}: no usable sample ({len(dataset.bad_upfront)} bad)")

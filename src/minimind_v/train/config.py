@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from minimind_v.data.template import ChatAugmentation
+from minimind_v.data.augment import ChatAugmentation
 from minimind_v.errors import UserError
 from minimind_v.model.config import VLMConfig
 from minimind_v.options import flag_name

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from minimind_v.data.formats import data_file
+from minimind_v import devices
 from minimind_v.errors import UserError, short_list
 from minimind_v.fileio import replace_dir
 from minimind_v.options import apply_overrides
@@ -111,6 +112,9 @@ def train(cfg: TrainConfig, start: build.Start, settings: RunSettings, info: Dis
         say(f"config: {json.dumps(cfg.to_dict())}")
         run, state = set_up(cfg, start, settings, info, resume_from, say)
         loop = Loop(run, state, say)
+        age = devices.process_age()
+        if age is not None:
+            say(f"set-up: {age:.1f} s from the start of the process to the first step")
         loop.epochs()
         finish(run, loop.state.step, loop.elapsed(), say)
     finally:

@@ -131,16 +131,25 @@ def open_data(cfg: TrainConfig, start: build.Start, settings: RunSettings, info:
     preprocessor = build.image_preprocessor(start, cfg.model) if uses_images else None
     cached = bool(cfg.feature_cache)
 
-    def read(path: str, training: bool) -> VLMDataset:
-        return build.open_data(path, settings.images, start.tokenizer, cfg.model, preprocessor, cfg.max_seq_len,
-                               decode_images=not cached, augment=cfg.augment if training else None, seed=cfg.seed)
+    cache_dir = build.encodings_dir(settings.encodings_dir)
 
+    def read(path: str, training: bool) -> VLMDataset:
+        dataset = build.open_data(path, settings.images, start.tokenizer, cfg.model, preprocessor, cfg.max_seq_len,
+                                  decode_images=not cached, augment=cfg.augment if training else None, seed=cfg.seed,
+                                  cache_dir=cache_dir)
+        say(f"{path}: {dataset.pass_note}")
+        return dataset
+
+    if not info.is_main and cache_dir is not None:
+        distributed.barrier()  # rank 0 encodes (in worker processes) and stores; the others then read its files
     dataset = read(settings.data, training=True)
     bad = dataset.tracker(cfg.max_bad_fraction)  # raises when the file is already too broken
     summary = bad.summary()
     say(f"data: {len(dataset)} usable samples of {summary['total']} in {settings.data}; "
         f"bad: {summary['bad']} {summary['reasons']}; examples: {summary['examples']}")
     val = read(settings.val_data, training=False) if settings.val_data else None
+    if info.is_main and cache_dir is not None:
+        distributed.barrier()
     if val is not None:
         say(f"validation: {len(val)} usable samples ({len(val.bad_upfront)} bad) in {settings.val_data}")
     pack_len = cfg.max_seq_len if cfg.batching == "packed" else None

@@ -51,6 +51,9 @@ class RunSettings:
     """DataLoader worker processes (default: 4 on CUDA, 0 on CPU)."""
     feature_cache_dir: str | None = None
     """Where cached features live (default: OUT/feature_cache); share it between stages to encode once."""
+    encodings_dir: str | None = None
+    """Where the up-front pass keeps each data file's token ids for the next run and every stage (default:
+    $MINIMIND_V_CACHE/encodings, else ~/.cache/minimind-v/encodings; none: not kept)."""
     set_: list[str] = field(default_factory=list, metadata={"metavar": "KEY=VALUE"})
     """key=value for any training or model setting, e.g. warmup_steps=50, model.lm.dropout=0.1 (repeatable)."""
 
