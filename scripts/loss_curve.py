@@ -1,7 +1,10 @@
 """The quickstart recipe at a fixed step count, fp32, one thread: its loss curves, to compare two versions.
 
-    python scripts/loss_curve.py OUT [STEPS] > curve.json
+    python scripts/loss_curve.py OUT [STEPS] [KEY=VALUE ...] > curve.json
     python scripts/loss_curve.py --compare A.json B.json     # the largest difference at any logged step
+
+KEY=VALUE pairs override fields of the quickstart's training config (e.g. feature_cache_dtype=float16), for
+experiments that change one knob of the recipe.
 
 One thread and a fixed step count take the machine's speed out of the run (the quickstart otherwise picks
 its thread count and its steps by timing), so two versions of the code give comparable curves: the tower's
@@ -20,9 +23,14 @@ from pathlib import Path
 import torch
 
 
-def curve(out: Path, steps: int) -> dict:
+def curve(out: Path, steps: int, overrides: list[str]) -> dict:
+    from minimind_v.options import apply_overrides
     from minimind_v.quickstart import QuickstartOptions, Recipe, main
+    from minimind_v.train import config
     from minimind_v.train.metrics import read_metrics
+
+    resolve = config.for_stage
+    config.for_stage = lambda cfg: resolve(apply_overrides(cfg, overrides))  # the quickstart imports it when it trains
 
     torch.set_num_threads(1)
     torch.set_num_threads = lambda n: None  # the quickstart's thread choice would make the run machine-dependent
@@ -50,4 +58,5 @@ if __name__ == "__main__":
     if sys.argv[1] == "--compare":
         a, b = (json.loads(Path(p).read_text()) for p in sys.argv[2:4])
         sys.exit(0 if compare(a, b) <= 1e-6 and a["tower_loss"] == b["tower_loss"] else 1)
-    print(json.dumps(curve(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 200), indent=1))
+    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 200
+    print(json.dumps(curve(Path(sys.argv[1]), steps, sys.argv[3:]), indent=1))

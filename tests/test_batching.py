@@ -107,3 +107,38 @@ def test_batch_plans_cover_every_sample_once_and_reproduce(mode):
         spread = np.mean([np.ptp(lengths[b]) for b in epoch0])
         random_spread = np.mean([np.ptp(lengths[b]) for b in BatchPlan(lengths, 8, "random", seed=3).batches(0)])
         assert spread < random_spread / 4
+
+
+def _first_fit_by_scanning(lengths, capacity):
+    """The textbook first-fit decreasing, scanning the open bins: what the tree version must equal."""
+    bins, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        slot = next((b for b, free in enumerate(room) if free >= lengths[i]), None)
+        if slot is None:
+            bins.append([])
+            room.append(capacity)
+            slot = len(bins) - 1
+        bins[slot].append(i)
+        room[slot] -= lengths[i]
+    return bins
+
+
+def test_first_fit_decreasing_equals_scanning_the_bins():
+    rng = np.random.default_rng(0)
+    for n, capacity in [(1, 10), (2, 10), (37, 64), (500, 640), (1000, 100)]:
+        lengths = rng.integers(1, capacity + 1, n).tolist()
+        assert first_fit_decreasing(lengths, capacity) == _first_fit_by_scanning(lengths, capacity)
+    assert first_fit_decreasing([], 8) == []
+
+
+@pytest.mark.parametrize("mode", ["random", "grouped", "packed"])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_the_count_of_an_epoch_equals_its_plan(mode, drop_last):
+    lengths = np.random.default_rng(1).integers(5, 120, 1003)
+    for batch_size in (1, 7, 16):
+        plan = BatchPlan(lengths, batch_size, mode, 128, seed=2, drop_last=drop_last, group_factor=5)
+        counts = [plan.count(e) for e in range(3)]
+        assert counts == [len(BatchPlan(lengths, batch_size, mode, 128, seed=2, drop_last=drop_last,
+                                        group_factor=5).batches(e)) for e in range(3)]
+        if drop_last and mode != "packed":
+            assert all(len(b) == batch_size for b in plan.batches(0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import shutil
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from minimind_v.data.feature_cache import (BrokenImage, FeatureCache, NotCached, disk_bytes,
+from minimind_v.data.feature_cache import (BrokenImage, FeatureCache, NotCached, dequantize, disk_bytes, quantize,
                                            tower_fingerprint)
 
 SIZE, PATCH, DIM = 32, 8, 32
@@ -58,24 +59,79 @@ def images(tmp_path: Path) -> list[Path]:
     return paths + [folder / "copy_of_0.jpg"]
 
 
-def _cache(root: Path, tower: CLIPVisionModel) -> FeatureCache:
-    return FeatureCache(root, tower_fingerprint(tower, PREPROCESS), N_PATCHES, DIM)
+def _cache(root: Path, tower: CLIPVisionModel, dtype: str = "int8") -> FeatureCache:
+    return FeatureCache(root, tower_fingerprint(tower, PREPROCESS), N_PATCHES, DIM, dtype=dtype)
 
 
-def test_each_distinct_image_is_encoded_once_and_reads_back_equal(tmp_path: Path, images: list[Path]) -> None:
+@pytest.mark.parametrize("dtype", ["int8", "float16"])
+def test_each_distinct_image_is_encoded_once_and_reads_back_equal(tmp_path: Path, images: list[Path],
+                                                                  dtype: str) -> None:
     tower = _tower()
     encoder = CountingEncoder(tower)
-    cache = _cache(tmp_path / "cache", tower)
+    cache = _cache(tmp_path / "cache", tower, dtype)
     report = cache.build(images, _preprocess, encoder, batch_size=2, shard_rows=3, log=lambda _: None)
     assert encoder.images == 5 and report.encoded == 5 and len(cache) == 5
-    assert report.planned_bytes == disk_bytes(5, N_PATCHES, DIM) == 5 * N_PATCHES * DIM * 2
+    per_value = {"int8": 1 + 2 / DIM, "float16": 2}[dtype]
+    assert report.planned_bytes == disk_bytes(5, N_PATCHES, DIM, dtype) == round(5 * N_PATCHES * DIM * per_value)
     with torch.no_grad():
         expected = encoder(torch.stack([_preprocess(Image.open(p).convert("RGB")) for p in images]))
     for path, want in zip(images, expected):
         got = cache.features(path)
         assert got.dtype == torch.float16 and got.shape == (N_PATCHES, DIM)
-        torch.testing.assert_close(got.float(), want.half().float())
+        if dtype == "float16":
+            torch.testing.assert_close(got.float(), want.half().float())
+        else:  # within half a quantisation step of each patch (plus fp16 rounding of the result)
+            step = want.abs().amax(dim=-1, keepdim=True) / 127
+            assert ((got.float() - want).abs() <= 0.51 * step + 2e-3 * want.abs()).all()
     assert torch.equal(cache.features(images[0]), cache.features(images[-1]))
+
+
+def test_int8_rows_round_trip_within_half_a_step() -> None:
+    features = torch.randn(3, 7, 64) * torch.logspace(-2, 2, 64)  # channels of very different sizes
+    values, scale = quantize(features)
+    back = dequantize(values.numpy(), scale.numpy()).float()
+    step = scale.float()[..., None]
+    assert values.dtype == torch.int8 and scale.shape == (3, 7)
+    assert ((back - features).abs() <= 0.5 * step + 1e-3 * features.abs()).all()
+    assert quantize(torch.zeros(1, 2, 4))[0].abs().sum() == 0  # an all-zero patch has no division by zero
+
+
+def test_the_index_is_appended_never_rewritten(tmp_path: Path, images: list[Path]) -> None:
+    tower = _tower()
+    cache = _cache(tmp_path, tower)
+    report = cache.build(images[:4], _preprocess, CountingEncoder(tower), batch_size=1, shard_rows=1,
+                         log=lambda _: None)
+    (first,) = cache.dir.glob("index-*.jsonl")
+    lines = first.read_text().splitlines()
+    assert report.index_writes == 1 and len(lines) == 1 + 4  # the path index, then one line per shard
+    before = first.read_bytes()
+    again = _cache(tmp_path, tower).build(images, _preprocess, CountingEncoder(tower), log=lambda _: None)
+    assert again.encoded == 1 and first.read_bytes() == before and len(list(cache.dir.glob("index-*"))) == 2
+
+
+def _build_share(rank: int, world: int, root: str, folder: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
+    tower = _tower()
+    encoder = CountingEncoder(tower)
+    cache = _cache(Path(root), tower)
+    cache.build(sorted(Path(folder).glob("*.jpg")), _preprocess, encoder, log=lambda _: None, share=(rank, world))
+    dist.barrier()
+    cache.reload()
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"encoded": encoder.images, "cached": len(cache)}))
+    dist.destroy_process_group()
+
+
+def test_ranks_build_their_shares_together(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(9):
+        _jpeg(folder / f"{i}.jpg", 100 + i)
+    torch.multiprocessing.spawn(_build_share, args=(2, str(tmp_path / "cache"), str(folder), str(tmp_path)),
+                                nprocs=2, join=True)
+    done = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [d["encoded"] for d in done] == [5, 4] and all(d["cached"] == 9 for d in done)
 
 
 def test_a_later_run_reuses_the_cache(tmp_path: Path, images: list[Path]) -> None:

@@ -79,7 +79,7 @@ def test_stages_chain_and_write_model_metrics_plot(world, tokenizer_dir, tmp_pat
         assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         log = (out / "train.log").read_text()
         assert "trainable" in log and "usable samples" in log
-    assert any((pre / "feature_cache").rglob("shard_*.f16")) and not (sft / "feature_cache").exists()
+    assert any((pre / "feature_cache").rglob("int8/shard-*.q")) and not (sft / "feature_cache").exists()
     sft_vision = load_file(str(sft / "model" / "vision" / "model.safetensors"))
     pre_vision = load_file(str(pre / "model" / "vision" / "model.safetensors"))
     key = next(k for k in pre_vision if "q_proj.weight" in k)

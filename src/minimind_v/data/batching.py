@@ -29,20 +29,39 @@ from minimind_v.constants import IGNORE_INDEX
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Positions of `lengths` grouped into bins of at most `capacity`; longest first, ties by position."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    """Positions of `lengths` grouped into bins of at most `capacity`; longest first, ties by position.
+
+    Each length goes to the first bin (in opening order) with room for it. The bins, opened and not yet opened
+    (an empty bin has the whole capacity), are the leaves of a max-tree of their free room, so finding that bin
+    and updating its room take log(n) steps: O(n log n) in all, where scanning the open bins was O(n x bins).
+    """
+    if not lengths:
+        return []
+    too_long = max(lengths)
+    if too_long > capacity:
+        raise ValueError(f"a sample of {too_long} tokens does not fit a row of {capacity}")
+    leaves = 1 << (len(lengths) - 1).bit_length()
+    room = [capacity] * (2 * leaves)
     bins: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        if lengths[i] > capacity:
-            raise ValueError(f"a sample of {lengths[i]} tokens does not fit a row of {capacity}")
-        slot = next((b for b, free in enumerate(room) if free >= lengths[i]), None)
-        if slot is None:
-            bins.append([])
-            room.append(capacity)
-            slot = len(bins) - 1
-        bins[slot].append(i)
-        room[slot] -= lengths[i]
+    sizes = np.asarray(lengths)
+    for i in np.lexsort((np.arange(len(sizes)), -sizes)).tolist():
+        need, node = lengths[i], 1
+        while node < leaves:  # down to the leftmost leaf with room for `need`
+            node += node if room[node + node] >= need else node + 1
+        slot = node - leaves
+        if slot == len(bins):
+            bins.append([i])
+        else:
+            bins[slot].append(i)
+        room[node] -= need
+        node >>= 1
+        while node:  # the rooms above it, up to where they no longer change
+            left, right = room[node + node], room[node + node + 1]
+            best = left if left > right else right
+            if room[node] == best:
+                break
+            room[node] = best
+            node >>= 1
     return bins
 
 
@@ -108,9 +127,24 @@ class BatchPlan:
         self._planned: tuple[int, list[list[int]]] | None = None
 
     def batches(self, epoch: int) -> list[list[int]]:
-        if self._planned is None or self._planned[0] != epoch:  # planning a large packed epoch is not free
+        if self._planned is None or self._planned[0] != epoch:  # only the current epoch is kept
             self._planned = (epoch, self._plan(epoch))
         return self._planned[1]
+
+    def count(self, epoch: int) -> int:
+        """How many batches epoch `epoch` has: arithmetic for random and grouped batches; a packed epoch is packed
+        to know (and kept, so the epoch the run starts with is planned once)."""
+        n = len(self.lengths)
+        if self.mode == "packed":
+            return len(self.batches(epoch))
+        if self.mode == "random":
+            full, tail = divmod(n, self.batch_size)
+        else:
+            mega = self.batch_size * self.group_factor
+            full_megas, rest = divmod(n, mega)
+            full = full_megas * self.group_factor + rest // self.batch_size
+            tail = rest % self.batch_size
+        return full + (1 if tail and not self.drop_last else 0)
 
     def _plan(self, epoch: int) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, epoch])
@@ -121,8 +155,8 @@ class BatchPlan:
             batches = self._grouped(order, rng)
         else:
             batches = self._packed(order, rng)
-        if self.drop_last and batches and self.mode != "packed" and len(batches[-1]) < self.batch_size:
-            batches.pop()
+        if self.drop_last and self.mode != "packed":  # the one short batch, wherever grouping put it
+            batches = [b for b in batches if len(b) == self.batch_size]
         return batches
 
     def _grouped(self, order: np.ndarray, rng: np.random.Generator) -> list[list[int]]:

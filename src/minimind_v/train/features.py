@@ -22,19 +22,19 @@ from minimind_v.data.images import ImagePreprocessor
 from minimind_v.model.vlm import MiniMindVLM
 
 
-def open_cache(model: MiniMindVLM, preprocessor: ImagePreprocessor, root: Path) -> FeatureCache:
+def open_cache(model: MiniMindVLM, preprocessor: ImagePreprocessor, root: Path, dtype: str) -> FeatureCache:
     cfg = model.cfg
     fingerprint = tower_fingerprint(model.vision.model, preprocessor.to_config())
     return FeatureCache(root, fingerprint, n_patches=cfg.image_token_len, dim=cfg.vision.hidden_size,
-                        describe={"vision": cfg.vision.name_or_path})
+                        describe={"vision": cfg.vision.name_or_path}, dtype=dtype)
 
 
 def fill_cache(cache: FeatureCache, datasets: list[VLMDataset],
                preprocessor: ImagePreprocessor, encode: Callable[[torch.Tensor], torch.Tensor],
-               log: Callable[[str], None]) -> None:
-    """Encode every image of `datasets` not yet in the cache (one process only: the cache has one writer)."""
+               log: Callable[[str], None], share: tuple[int, int] = (0, 1)) -> None:
+    """Encode this process's share (`share=(rank, world)`) of the images of `datasets` not yet in the cache."""
     images = (ref for ds in datasets for i in range(len(ds)) for ref in ds.images(i))
-    cache.build(images, preprocess=preprocessor, encode=encode, log=log)
+    cache.build(images, preprocess=preprocessor, encode=encode, log=log, share=share)
 
 
 class WithCachedFeatures:

@@ -149,8 +149,9 @@ def plan_steps(run: Run, state: LoopState) -> int:
     """Optimizer steps from the state to the end of the last epoch (or --max-steps)."""
     slicing = Slicing(run.info.world_size, run.cfg.accumulation_steps)
     plan = run.data.plan
-    left = sum(slicing.steps_left(len(plan.batches(e)), state.position if e == state.epoch else 0)
-               for e in range(state.epoch, run.cfg.epochs))
+    # Counted from the epoch the run is in, so a packed run packs that epoch (which it trains next) last.
+    left = sum(slicing.steps_left(plan.count(e), state.position if e == state.epoch else 0)
+               for e in reversed(range(state.epoch, run.cfg.epochs)))
     total = state.step + left
     return total if run.cfg.max_steps is None else min(total, run.cfg.max_steps)
 

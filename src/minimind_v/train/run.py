@@ -157,25 +157,27 @@ def open_data(cfg: TrainConfig, start: build.Start, settings: RunSettings, info:
     if cached:
         root = Path(settings.feature_cache_dir or Path(settings.out) / "feature_cache")
         cache = feature_cache(model, preprocessor, root, [d for d in (dataset, val) if d is not None], info,
-                              precision, say)
+                              precision, cfg.feature_cache_dtype, say)
         collate = features.WithCachedFeatures(collate, cache)
     plan = BatchPlan(dataset.lengths, cfg.batch_size, cfg.batching, cfg.max_seq_len, cfg.seed)
     return Data(dataset, val, bad, collate, plan)
 
 
 def feature_cache(model: MiniMindVLM, preprocessor: Any, root: Path, datasets: list[VLMDataset], info: DistInfo,
-                  precision: Precision, say: Say) -> Any:
-    """The frozen tower's features of every image of `datasets`, encoded by rank 0 (the cache has one writer)."""
-    if info.is_main:
-        cache = features.open_cache(model, preprocessor, root)
+                  precision: Precision, dtype: str, say: Say) -> Any:
+    """The frozen tower's features of every image of `datasets`: each process encodes its share, then all read all."""
+    cache = features.open_cache(model, preprocessor, root, dtype)
 
-        def encode(pixels: torch.Tensor) -> torch.Tensor:
-            with precision.autocast():
-                return model.encode_images(pixels.to(info.device))
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        with precision.autocast():
+            return model.encode_images(pixels.to(info.device))
 
-        features.fill_cache(cache, datasets, preprocessor, encode, say)
+    features.fill_cache(cache, datasets, preprocessor, encode, say if info.is_main else (lambda _: None),
+                        share=(info.rank, info.world_size))
     distributed.barrier()
-    return cache if info.is_main else features.open_cache(model, preprocessor, root)
+    if info.enabled:
+        cache.reload()  # the other ranks' shards
+    return cache
 
 
 def wrap(model: MiniMindVLM, cfg: TrainConfig, settings: RunSettings, info: DistInfo) -> torch.nn.Module:
