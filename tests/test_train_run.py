@@ -86,6 +86,20 @@ def test_stages_chain_and_write_model_metrics_plot(world, tokenizer_dir, tmp_pat
     assert not torch.equal(sft_vision[key], pre_vision[key])  # --freeze all: the tower learned
 
 
+def test_a_feature_cache_with_no_room_encodes_on_the_fly(world, tokenizer_dir, tmp_path, monkeypatch):
+    from minimind_v.data import feature_cache
+
+    full = shutil.disk_usage(tmp_path)._replace(free=1000)
+    monkeypatch.setattr(feature_cache.shutil, "disk_usage", lambda path: full)
+    out = tmp_path / "full"
+    assert train("--stage", "pretrain", "--from", "none", "--preset", "tiny", "--out", str(out), "--data",
+                 str(world / "train.jsonl"), "--tokenizer", str(tokenizer_dir), "--batch-size", "4", "--max-steps",
+                 "2", *SMALL_LM, *SMALL_VISION, "--set", "model.vision.freeze=true") == 0
+    log = (out / "train.log").read_text()
+    assert "1000.0 B free: the images are encoded by the tower at every step instead" in log
+    assert not any((out / "feature_cache").rglob("shard-*")) and (out / "model" / "model.safetensors").is_file()
+
+
 def test_max_minutes_stops_early_and_still_writes_the_model(world, tokenizer_dir, tmp_path):
     out = tmp_path / "timed"
     # A limit far below one step's time: the run stops after its first step, saved like any finished run.

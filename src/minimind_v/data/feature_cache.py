@@ -28,10 +28,12 @@ features per distinct image, in one of two forms:
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -58,6 +60,10 @@ class NotCached(KeyError):
 
 class BrokenImage(ValueError):
     """The build pass could not decode or encode this image; the message says why."""
+
+
+class NoRoom(OSError):
+    """The features would not fit on the cache's disk (found before encoding, or when a write failed)."""
 
 
 def content_key(data: bytes) -> str:
@@ -228,6 +234,26 @@ class FeatureCache:
         log(f"feature cache {self.dir}: {len(todo)} new images x {self.n_patches} x {self.dim} in {self.dtype} = "
             f"{format_bytes(report.planned_bytes)} ({report.reused} already cached"
             f"{f'; rank {rank} of {world}' if world > 1 else ''})")
+        free = shutil.disk_usage(self.dir).free
+        if report.planned_bytes > free:
+            raise NoRoom(f"feature cache {self.dir}: {len(todo)} images need {format_bytes(report.planned_bytes)}, "
+                         f"{format_bytes(free)} free")
+        try:
+            self._encode_all(todo, load, preprocess, encode, batch_size, shard_rows, workers, report, rank)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise NoRoom(f"feature cache {self.dir}: the disk filled up while writing ({err})") from None
+            raise
+        if report.encoded:
+            log(f"feature cache: {report.encoded} images encoded in {report.seconds:.1f} s "
+                f"({1000 * report.seconds / report.encoded:.2f} ms per image)")
+        if report.broken:
+            log(f"feature cache: {len(report.broken)} broken image(s), e.g. {next(iter(report.broken.items()))}")
+        return report
+
+    def _encode_all(self, todo: list[tuple[str, ImageRef]], load: Callable[[ImageRef], Image.Image],
+                    preprocess: Callable[[Image.Image], torch.Tensor], encode: Callable[[torch.Tensor], torch.Tensor],
+                    batch_size: int, shard_rows: int, workers: int, report: BuildReport, rank: int) -> None:
         decode = functools.partial(_decode, load=load, preprocess=preprocess)
         began = time.perf_counter()
         with open(self.dir / f"index-{rank}-{uuid.uuid4().hex[:8]}.jsonl", "a", encoding="utf-8") as index, \
@@ -239,12 +265,6 @@ class FeatureCache:
                 self._build_shard(todo[start:start + shard_rows], decode, encode, batch_size, pool, report, index,
                                   f"shard-{Path(index.name).stem[6:]}-{start // shard_rows:05d}")
         report.seconds = time.perf_counter() - began
-        if report.encoded:
-            log(f"feature cache: {report.encoded} images encoded in {report.seconds:.1f} s "
-                f"({1000 * report.seconds / report.encoded:.2f} ms per image)")
-        if report.broken:
-            log(f"feature cache: {len(report.broken)} broken image(s), e.g. {next(iter(report.broken.items()))}")
-        return report
 
     def _plan(self, images: Iterable[ImageRef], report: BuildReport) -> list[tuple[str, ImageRef]]:
         """Distinct images still to encode, as (key, image); counts those already cached or known broken."""

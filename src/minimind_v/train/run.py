@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from minimind_v.data.batching import BatchPlan, Collator
 from minimind_v.data.dataset import BadSampleTracker, VLMDataset
+from minimind_v.data.feature_cache import NoRoom
 from minimind_v.errors import UserError
 from minimind_v.model.vlm import MiniMindVLM
 from minimind_v.train import build, checkpoint, distributed, features, freezing, optim
@@ -156,25 +157,38 @@ def open_data(cfg: TrainConfig, start: build.Start, settings: RunSettings, info:
     collate: Any = Collator(start.tokenizer.pad_token_id, pack_len)
     if cached:
         root = Path(settings.feature_cache_dir or Path(settings.out) / "feature_cache")
-        cache = feature_cache(model, preprocessor, root, [d for d in (dataset, val) if d is not None], info,
-                              precision, cfg.feature_cache_dtype, say)
-        collate = features.WithCachedFeatures(collate, cache)
+        datasets = [d for d in (dataset, val) if d is not None]
+        cache = feature_cache(model, preprocessor, root, datasets, info, precision, cfg.feature_cache_dtype, say)
+        if cache is None:  # no room for it: the tower encodes each batch's images instead
+            for each in datasets:
+                each.settings.decode_images = True
+        else:
+            collate = features.WithCachedFeatures(collate, cache)
     plan = BatchPlan(dataset.lengths, cfg.batch_size, cfg.batching, cfg.max_seq_len, cfg.seed)
     return Data(dataset, val, bad, collate, plan)
 
 
 def feature_cache(model: MiniMindVLM, preprocessor: Any, root: Path, datasets: list[VLMDataset], info: DistInfo,
                   precision: Precision, dtype: str, say: Say) -> Any:
-    """The frozen tower's features of every image of `datasets`: each process encodes its share, then all read all."""
+    """The frozen tower's features of every image of `datasets`: each process encodes its share, then all read all;
+    None when they do not fit on the disk (said)."""
     cache = features.open_cache(model, preprocessor, root, dtype)
 
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         with precision.autocast():
             return model.encode_images(pixels.to(info.device))
 
-    features.fill_cache(cache, datasets, preprocessor, encode, say if info.is_main else (lambda _: None),
-                        share=(info.rank, info.world_size))
-    distributed.barrier()
+    try:
+        features.fill_cache(cache, datasets, preprocessor, encode, say if info.is_main else (lambda _: None),
+                            share=(info.rank, info.world_size))
+        room = ""
+    except NoRoom as err:
+        room = str(err)
+    short = [r for r in distributed.all_gather_objects(room) if r]  # every rank takes the same road
+    if short:
+        say(f"{short[0]}: the images are encoded by the tower at every step instead (free disk, or point "
+            "--feature-cache-dir elsewhere, to cache them)")
+        return None
     if info.enabled:
         cache.reload()  # the other ranks' shards
     return cache
