@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                           "model directory -> transformers trust_remote_code directory"),
     "convert import-hf": ("minimind_v.convert.hf", "ImportHFOptions", "import_main",
                           "transformers directory written by export-hf -> model directory"),
+    "convert merge-lora": ("minimind_v.convert.lora", "MergeLoraOptions", "main",
+                           "model directory + LoRA adapter -> model directory with the adapter merged"),
     "download": ("minimind_v.hub", "DownloadOptions", "main", "fetch real weights and data from the Hugging Face Hub"),
     "bench": ("minimind_v.bench", "BenchOptions", "main", "training and generation throughput"),
     "quickstart": ("minimind_v.quickstart", "QuickstartOptions", "main", "the whole pipeline on the synthetic world"),

@@ -36,6 +36,9 @@ class EvalOptions:
     """Model directory to evaluate."""
     data: str
     """Question-answer data: MiniMind-V or LLaVA jsonl/json, or parquet (e.g. written by `minimind-v synth`)."""
+    adapter: str | None = None
+    """LoRA adapter directory (peft format, e.g. a LoRA run's OUT/model/adapter) applied to the model; default: the
+    model directory's own adapter/, when it has one."""
     images: str | None = None
     """Image folder of --data (default: images/ beside the data file, else its folder)."""
     limit: int | None = None
@@ -212,13 +215,13 @@ def write_predictions(items: list[Item], path: str | Path) -> None:
 
 def evaluate(model: str | Path, data: str | Path, images: str | Path | None = None, limit: int | None = None,
              batch_size: int = 64, max_new_tokens: int = 128, device: str | None = None,
-             engine: Any = None) -> tuple[dict[str, Any], list[Item]]:
+             engine: Any = None, adapter: str | Path | None = None) -> tuple[dict[str, Any], list[Item]]:
     """Load (or reuse) an engine, answer every sample, and return the report and the items."""
     from minimind_v.infer.engine import Engine
 
     reader = open_dataset(data, images)
     items = read_items(reader, limit)
-    engine = engine if engine is not None else Engine.load(model, device)
+    engine = engine if engine is not None else Engine.load(model, device, adapter)
     answer_all(engine, items, reader, batch_size, max_new_tokens)
     return {"model": str(model), "data": str(data), **score(items)}, items
 
@@ -229,7 +232,7 @@ def main(opts: EvalOptions) -> int:
     if opts.batch_size < 1:
         raise UserError(f"--batch-size {opts.batch_size}: must be at least 1")
     report, items = evaluate(opts.model, opts.data, opts.images, opts.limit, opts.batch_size,
-                             opts.max_new_tokens, opts.device)
+                             opts.max_new_tokens, opts.device, adapter=opts.adapter)
     if opts.predictions:
         write_predictions(items, opts.predictions)
     errors = [it.error for it in items if it.error is not None]

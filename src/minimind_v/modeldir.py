@@ -7,6 +7,7 @@
                          only when it lives inside (built from `init`, trained, or already inside);
                          a frozen pretrained tower is referenced by path or hub id in config.json
                          (embed_tower copies it inside, for a directory that must travel alone)
+    adapter/             a LoRA run's adapter in peft's format (adapters.py); the files above are its base
 
 Loading is strict: a missing, unexpected or mis-shaped weight is an error naming the key(s).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from minimind_v import adapters
 from minimind_v.data.images import CLIP_MEAN, CLIP_STD, RESCALE_FACTOR, ImagePreprocessor, image_processor_config
 from minimind_v.data.tokenizer import save_tokenizer
 from minimind_v.errors import UserError, short_list
@@ -36,7 +39,7 @@ from minimind_v.model.config import VisionConfig, VLMConfig
 from minimind_v.model.vision import TowerConfigError, TowerUnavailable, VisionTower, quiet_transformers
 
 FORMAT_VERSION = 1
-CONFIG_FILE, WEIGHTS_FILE, VISION_DIR = "config.json", "model.safetensors", "vision"
+CONFIG_FILE, WEIGHTS_FILE, VISION_DIR, ADAPTER_DIR = "config.json", "model.safetensors", "vision", "adapter"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 EMBED_KEY = "lm.embed_tokens.weight"
 TIED_KEY = "lm.lm_head.weight"  # the same Parameter as EMBED_KEY
@@ -66,9 +69,10 @@ class MiniMindVLM(vlm.MiniMindVLM):
         save_model(self, directory, tokenizer=tokenizer)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "MiniMindVLM":
-        """Strict load of a model directory written by save_pretrained or convert, in eval mode (`.train()` to train)."""
-        return load_model(directory).eval()
+    def from_pretrained(cls, directory: str | Path, adapter: str | Path | None = None) -> "MiniMindVLM":
+        """Strict load of a model directory written by save_pretrained or convert, in eval mode (`.train()` to train);
+        with `adapter`, a LoRA adapter directory (peft format) applied on top."""
+        return load_model(directory, adapter).eval()
 
 
 def save_model(model: vlm.MiniMindVLM, directory: str | Path, tokenizer: Any = None) -> None:
@@ -81,10 +85,15 @@ def save_model(model: vlm.MiniMindVLM, directory: str | Path, tokenizer: Any = N
         # A local tower is referenced absolutely, so the directory still works from anywhere.
         cfg = dataclasses.replace(cfg, vision=dataclasses.replace(
             cfg.vision, name_or_path=str(Path(cfg.vision.name_or_path).resolve())))
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(weights_to_save(model), str(tmp), {"format": "pt"}))
+    weights = weights_to_save(model)
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(weights, str(tmp), {"format": "pt"}))
     _write_config(directory, cfg)
     if tokenizer is not None:
         save_tokenizer(tokenizer, directory)  # the chat template kept inside tokenizer_config.json
+    if adapters.has_adapter(model):
+        adapters.save_adapter(model, directory / ADAPTER_DIR, weights)
+    else:  # an adapter left from an earlier save would be applied to weights it was not trained on
+        shutil.rmtree(directory / ADAPTER_DIR, ignore_errors=True)
 
 
 def embed_tower(directory: str | Path) -> None:
@@ -121,15 +130,26 @@ def _stored(key: str) -> bool:
 
 
 def weights_to_save(model: vlm.MiniMindVLM) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if _stored(k)}
+    """What model.safetensors holds; of a model carrying a LoRA adapter, the weights it adapts (its base)."""
+    state = adapters.base_weights(model.state_dict())
+    return {k: v.detach().contiguous() for k, v in state.items() if _stored(k)}
 
 
-def load_model(directory: str | Path) -> MiniMindVLM:
+def load_model(directory: str | Path, adapter: str | Path | None = None) -> MiniMindVLM:
     directory = Path(directory)
     cfg = read_config(directory)
     model = MiniMindVLM(cfg, vision=build_tower(cfg.vision, source=vision_source(cfg.vision, directory)))
-    load_weights_strict(model, read_weights(directory / WEIGHTS_FILE), directory / WEIGHTS_FILE)
+    weights = read_weights(directory / WEIGHTS_FILE)
+    load_weights_strict(model, weights, directory / WEIGHTS_FILE)
+    if adapter is not None:
+        adapters.apply_adapter(model, adapter, weights)
     return model
+
+
+def own_adapter(directory: str | Path) -> Path | None:
+    """The adapter a model directory carries (a LoRA run's OUT/model/adapter), if any."""
+    path = Path(directory) / ADAPTER_DIR
+    return path if (path / adapters.CONFIG_FILE).is_file() else None
 
 
 def read_config(directory: str | Path) -> VLMConfig:

@@ -10,8 +10,10 @@ The exported directory needs transformers, not minimind-v:
     generation_config.json      stop on <|im_end|> and <|endoftext|>
     processor_config.json       the processor's settings (image_token_id, image_token_len, images_first)
     tokenizer files, preprocessor_config.json (the vision tower's image preprocessing)
+    adapter/                    a LoRA model's adapter as it is (peft format; our module names are the export's)
 
     model = AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
+    model = peft.PeftModel.from_pretrained(model, f"{dir}/adapter")   # a LoRA model's adapter on top
     processor = AutoProcessor.from_pretrained(dir, trust_remote_code=True)
     inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True), images=images)
     model.generate(**inputs)
@@ -60,6 +62,8 @@ class ImportHFOptions:
 def export_main(opts: ExportHFOptions) -> int:
     export_hf(opts.model, opts.out)
     print(f"wrote {opts.out}: AutoModelForCausalLM.from_pretrained({opts.out!r}, trust_remote_code=True)")
+    if (Path(opts.out) / "adapter").is_dir():
+        print(f"its LoRA adapter: peft.PeftModel.from_pretrained(model, {str(Path(opts.out) / 'adapter')!r})")
     return 0
 
 
@@ -100,6 +104,7 @@ def export_hf(model_dir: str | Path, out: str | Path) -> None:
                 "image_marker": IMAGE_MARKER, "image_token_id": config.image_token_id,
                 "image_token_len": config.image_token_len, "images_first": config.images_first}
     atomic_write_text(out / "processor_config.json", json.dumps(settings, indent=2) + "\n")
+    _copy_adapter(Path(model_dir), out)
 
 
 def hf_config(model: Any, tokenizer: Any) -> Any:
@@ -155,6 +160,17 @@ def import_hf(src: str | Path, out: str | Path) -> None:
         if (src / name).is_file():
             shutil.copyfile(src / name, Path(out) / name)
     atomic_write(out / VISION_DIR / PREPROCESSOR_FILE, lambda tmp: shutil.copyfile(src / PREPROCESSOR_FILE, tmp))
+    _copy_adapter(src, out)
+
+
+def _copy_adapter(src: Path, out: Path) -> None:
+    """A LoRA model's adapter/ as it is: peft's format, our module names being the export's."""
+    from minimind_v.modeldir import ADAPTER_DIR, own_adapter
+
+    shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)  # never one left from another model
+    adapter = own_adapter(src)
+    if adapter is not None:
+        shutil.copytree(adapter, out / ADAPTER_DIR)
 
 
 def _output_dir(out: str | Path) -> Path:

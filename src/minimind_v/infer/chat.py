@@ -29,6 +29,9 @@ HELP = ("commands: /image PATH (attach an image to your next message; in a conve
 class ChatOptions:
     model: str
     """Model directory."""
+    adapter: str | None = None
+    """LoRA adapter directory (peft format, e.g. a LoRA run's OUT/model/adapter) applied to the model; default: the
+    model directory's own adapter/, when it has one."""
     image: list[str] = field(default_factory=list)
     """Image to ask about (repeat for several); in the interactive mode it goes with the first message."""
     prompt: str | None = None
@@ -52,7 +55,7 @@ def main(opts: ChatOptions) -> int:
                             top_p=opts.top_p)
     params.validate()
     images = [open_image(p) for p in opts.image]
-    engine = Engine.load(opts.model)
+    engine = Engine.load(opts.model, adapter=opts.adapter)
     engine.check_open_thinking(opts.open_thinking, "--open-thinking")
     if opts.prompt is not None:
         return _one_shot(engine, opts.prompt, images, params, opts.json, opts.open_thinking)

@@ -98,13 +98,17 @@ class Engine:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str | torch.device | None = None) -> "Engine":
-        """Read a model directory: weights, tokenizer and the vision tower's image processor."""
+    def load(cls, model_dir: str | Path, device: str | torch.device | None = None,
+             adapter: str | Path | None = None) -> "Engine":
+        """Read a model directory: weights, tokenizer and the vision tower's image processor; with `adapter`, a
+        LoRA adapter directory applied on top (default: the model directory's own adapter/, a LoRA run's).
+        The one loader of chat, web, serve and eval."""
         from minimind_v.data.tokenizer import load_tokenizer
-        from minimind_v.modeldir import MiniMindVLM, load_image_processor
+        from minimind_v.modeldir import MiniMindVLM, load_image_processor, own_adapter
 
         device = resolve_device(device) if not isinstance(device, torch.device) else device
-        model = MiniMindVLM.from_pretrained(model_dir)  # UserError naming the directory when it is not one
+        adapter = adapter if adapter is not None else own_adapter(model_dir)
+        model = MiniMindVLM.from_pretrained(model_dir, adapter)  # UserErrors name the directory at fault
         return cls(model, load_tokenizer(model_dir), load_image_processor(model_dir, model.cfg), device)
 
     def chat(self, messages: list[dict], images: list[Image.Image], params: SamplingParams,

@@ -43,6 +43,9 @@ from minimind_v.infer.streaming import Generation, TextCallback
 class ServeOptions:
     model: str
     """Model directory."""
+    adapter: str | None = None
+    """LoRA adapter directory (peft format, e.g. a LoRA run's OUT/model/adapter) applied to the model; default: the
+    model directory's own adapter/, when it has one."""
     host: str = "127.0.0.1"
     """Address to listen on; 127.0.0.1 keeps the API on this machine (0.0.0.0 exposes it to the network)."""
     port: int = 8000
@@ -244,7 +247,7 @@ def main(opts: ServeOptions) -> int:
     import uvicorn
 
     sock = listen_socket(opts.host, opts.port)  # a taken port is one line, before the model loads
-    engine = Engine.load(opts.model)
+    engine = Engine.load(opts.model, adapter=opts.adapter)
     app = create_app(engine, opts)
     name = served_name(opts.model, opts.served_model_name)
     print(f"serving {opts.model} as {name!r} at http://{opts.host}:{opts.port}/v1 (OpenAI-compatible)", flush=True)

@@ -31,6 +31,9 @@ INTRO = ("Attach one or more images with the clip, ask about them, and keep talk
 class WebOptions:
     model: str
     """Model directory."""
+    adapter: str | None = None
+    """LoRA adapter directory (peft format, e.g. a LoRA run's OUT/model/adapter) applied to the model; default: the
+    model directory's own adapter/, when it has one."""
     host: str = "127.0.0.1"
     """Address to listen on; 127.0.0.1 keeps the page on this machine (0.0.0.0 exposes it to the network)."""
     port: int = 7860
@@ -42,7 +45,7 @@ class WebOptions:
 
 def main(opts: WebOptions) -> int:
     check_port_free(opts.host, opts.port)
-    engine = Engine.load(opts.model)
+    engine = Engine.load(opts.model, adapter=opts.adapter)
     demo = build_app(engine, title=f"minimind-v · {served_name(opts.model, opts.served_model_name)}")
     try:
         demo.queue(default_concurrency_limit=1).launch(server_name=opts.host, server_port=opts.port)

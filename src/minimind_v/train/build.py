@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from minimind_v import modeldir
+from minimind_v import adapters, modeldir
 from minimind_v.data import encodings
 from minimind_v.data.dataset import DataSettings, VLMDataset
 from minimind_v.data.augment import ChatAugmentation
@@ -96,8 +96,14 @@ def build_model(start: Start, cfg: VLMConfig) -> tuple[MiniMindVLM, list[str]]:
     source = cfg.vision.name_or_path if start.vision_override else modeldir.vision_source(cfg.vision, start.path)
     model = MiniMindVLM(cfg, vision=modeldir.build_tower(cfg.vision, source=source))
     weights = start.path / modeldir.WEIGHTS_FILE
-    modeldir.load_weights_strict(model, modeldir.read_weights(weights), weights)
-    return model, []
+    state = modeldir.read_weights(weights)
+    modeldir.load_weights_strict(model, state, weights)
+    adapter = modeldir.own_adapter(start.path)
+    if adapter is None:
+        return model, []
+    adapters.apply_adapter(model, adapter, state)  # a LoRA run's model: its base and adapter, as one
+    adapters.merge(model)
+    return model, [f"its LoRA adapter {adapter} merged into the weights"]
 
 
 def image_preprocessor(start: Start, cfg: VLMConfig) -> ImagePreprocessor:

@@ -26,7 +26,7 @@ from torch import nn
 
 from minimind_v.errors import UserError, short_list
 from minimind_v.fileio import replace_dir
-from minimind_v.train import freezing
+from minimind_v.train import freezing, lora
 from minimind_v.train.stages import get_stage
 
 _NAME = re.compile(r"^step-(\d+)$")
@@ -130,7 +130,7 @@ def load_for_inference(path: Path, model: nn.Module) -> None:
     learned is chosen by the run's own freezing policy, then loaded strictly; nothing learns afterwards."""
     cfg = read_state(path)["config"]
     freezing.apply_policy(model, cfg["freeze"], train_vision=not cfg["model"]["vision"]["freeze"],
-                          uses_images=get_stage(cfg["stage"]).uses_images)
+                          uses_images=get_stage(cfg["stage"]).uses_images, lora=lora.uses_lora(cfg))
     load_trainable(path, model)
     model.requires_grad_(False)
 

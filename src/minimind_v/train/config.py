@@ -20,9 +20,27 @@ from minimind_v.options import flag_name
 from minimind_v.train.freezing import Policy
 from minimind_v.train.stages import Recipe, get_stage
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The language model's linear layers a LoRA adapter can wrap: attention, and the (expert) SwiGLU MLPs."""
+
 RESUMABLE_CHANGES = frozenset({"max_steps", "epochs", "max_bad_fraction", "accumulation_steps", "dtype"})
 """Fields a resumed run may change (train longer, tolerate more, another memory trade-off); the rest would
 make it a different run. The batch size stays: the data position counts batches of the epoch's plan."""
+
+
+@dataclass
+class LoraSettings:
+    """A LoRA adapter (peft) on the language model: its own weights frozen, a low-rank update learns instead."""
+
+    lora_rank: int = 0
+    """LoRA rank r: train an adapter of rank r on the LLM's linear layers (their weights frozen; the projector and
+    tower learn as --freeze says); 0: no adapter."""
+    lora_alpha: int | None = None
+    """LoRA alpha: the update is scaled by alpha / rank (default: 2 * rank)."""
+    lora_targets: str = ",".join(LORA_TARGETS)
+    """Comma-separated LLM layers the adapter wraps, in every block (and every MoE expert)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input."""
 
 
 @dataclass
@@ -76,6 +94,9 @@ class TrainConfig:
     """Share of unusable samples (broken image, malformed record, too long) above which the run stops, exit 2."""
     augment: ChatAugmentation = field(default_factory=ChatAugmentation, metadata={"inline": True})
     """The 3v recipe's random edits of training conversations (--system-prompt-ratio, --drop-empty-think-ratio)."""
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"inline": True})
+    """LoRA instead of training the language model's weights (--lora-rank, --lora-alpha, --lora-targets,
+    --lora-dropout)."""
     feature_cache: bool | None = None
     """Encode each image once with the frozen tower and train on the stored features (default: on when the tower
     is frozen)."""
@@ -105,6 +126,8 @@ def for_stage(cfg: TrainConfig) -> TrainConfig:
             cfg.model, vision=dataclasses.replace(cfg.model.vision, freeze=False)))
     if cfg.feature_cache is None:
         cfg = dataclasses.replace(cfg, feature_cache=stage.uses_images and not cfg.tower_learns)
+    if cfg.lora.lora_rank > 0 and cfg.lora.lora_alpha is None:
+        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, lora_alpha=2 * cfg.lora.lora_rank))
     check(cfg)
     return cfg
 
@@ -121,9 +144,26 @@ def check(cfg: TrainConfig) -> None:
         raise UserError(f"--lr {cfg.lr}: must not be negative")
     if not 0 <= cfg.max_bad_fraction <= 1:
         raise UserError(f"--max-bad-fraction {cfg.max_bad_fraction}: must be between 0 and 1")
+    check_lora(cfg.lora)
     if cfg.feature_cache and cfg.tower_learns:
         raise UserError(f"--feature-cache: the tower learns under --freeze {cfg.freeze}, so its features "
                         "cannot be stored once")
+
+
+def check_lora(lora: LoraSettings) -> None:
+    if lora.lora_rank < 0:
+        raise UserError(f"--lora-rank {lora.lora_rank}: must not be negative (0: no adapter)")
+    if lora.lora_alpha is not None and lora.lora_alpha <= 0:
+        raise UserError(f"--lora-alpha {lora.lora_alpha}: must be positive")
+    if not 0 <= lora.lora_dropout < 1:
+        raise UserError(f"--lora-dropout {lora.lora_dropout}: must be at least 0 and below 1")
+    unknown = [t for t in lora_targets(lora) if t not in LORA_TARGETS]
+    if unknown or not lora_targets(lora):
+        raise UserError(f"--lora-targets {lora.lora_targets!r}: expected some of {', '.join(LORA_TARGETS)}")
+
+
+def lora_targets(lora: LoraSettings) -> list[str]:
+    return [name.strip() for name in lora.lora_targets.split(",") if name.strip()]
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:

@@ -12,6 +12,8 @@ from typing import Literal, get_args
 
 from torch import nn
 
+from minimind_v.adapters import is_lora_weight
+
 Policy = Literal["projector", "projector+ends", "llm", "all"]
 """projector: the projector alone; projector+ends: also the first and last LLM blocks (embeddings, head and
 final norm stay frozen); llm: the whole LLM and the projector; all: also the vision tower."""
@@ -23,12 +25,14 @@ def _set(module: nn.Module, trainable: bool) -> None:
         param.requires_grad_(trainable)
 
 
-def apply_policy(model: nn.Module, policy: str, train_vision: bool, uses_images: bool) -> None:
+def apply_policy(model: nn.Module, policy: str, train_vision: bool, uses_images: bool, lora: bool = False) -> None:
     """Mark what learns under `policy`.
 
     `train_vision`: the tower learns under every policy (a tower built from scratch, like the tiny
     preset's, is useless frozen). Without images (the lm stage) the projector and the tower never
-    see a gradient, so they are frozen whatever the policy says.
+    see a gradient, so they are frozen whatever the policy says. `lora`: the language model carries a
+    LoRA adapter (peft's layers); its own weights stay frozen and only the adapter's learn, whatever the
+    policy says of the LLM.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown freezing policy {policy!r} (known: {', '.join(POLICIES)})")
@@ -43,6 +47,9 @@ def apply_policy(model: nn.Module, policy: str, train_vision: bool, uses_images:
     if not uses_images:
         _set(model.projector, False)
     _set(model.vision, vision_learns)
+    if lora:
+        for name, param in model.lm.named_parameters():
+            param.requires_grad_(is_lora_weight(name))
     # A weight the features never reach gets no gradient: trainable, it would break DDP and waste optimizer state.
     for param in model.vision.unused_by_features():
         param.requires_grad_(False)

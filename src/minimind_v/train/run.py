@@ -21,7 +21,7 @@ from minimind_v.data.dataset import BadSampleTracker, VLMDataset
 from minimind_v.data.feature_cache import NoRoom
 from minimind_v.errors import UserError
 from minimind_v.model.vlm import MiniMindVLM
-from minimind_v.train import build, checkpoint, distributed, features, freezing, optim
+from minimind_v.train import build, checkpoint, distributed, features, freezing, lora, optim
 from minimind_v.train.config import TrainConfig
 from minimind_v.train.distributed import DistInfo
 from minimind_v.train.settings import RunSettings
@@ -82,11 +82,13 @@ def set_up(cfg: TrainConfig, start: build.Start, settings: RunSettings, info: Di
     model, notes = build.build_model(start, cfg.model)
     for note in notes:
         say(f"--from {start.path}: {note}")
+    lora.add_adapter(model, cfg)
     uses_images = get_stage(cfg.stage).uses_images
-    freezing.apply_policy(model, cfg.freeze, train_vision=not cfg.model.vision.freeze, uses_images=uses_images)
+    freezing.apply_policy(model, cfg.freeze, train_vision=not cfg.model.vision.freeze, uses_images=uses_images,
+                          lora=cfg.lora.lora_rank > 0)
     model = model.to(info.device)
     total, trainable = freezing.count_parameters(model)
-    say(f"parameters: {total:,} total, {trainable:,} trainable (freeze={cfg.freeze}); "
+    say(f"parameters: {total:,} total, {trainable:,} trainable (freeze={cfg.freeze}{lora.describe(cfg)}); "
         f"{info.world_size} process(es) on {info.device}")
     precision = Precision.choose(cfg.dtype, info.device)
     data = open_data(cfg, start, settings, info, model, precision, say)
@@ -195,7 +197,9 @@ def feature_cache(model: MiniMindVLM, preprocessor: Any, root: Path, datasets: l
 
 
 def wrap(model: MiniMindVLM, cfg: TrainConfig, settings: RunSettings, info: DistInfo) -> torch.nn.Module:
-    """The model the step calls: compiled on request, in DDP under torchrun."""
+    """The model the step calls: compiled on request, in DDP under torchrun. A LoRA adapter's layers are plain
+    modules inside `model`, so both take them as they are (DDP syncs only what learns: the adapter, not the base);
+    checkpoints and OUT/model are written from `model` itself, never from the wrapper's renamed parameters."""
     wrapped: torch.nn.Module = torch.compile(model) if settings.compile else model
     if info.enabled:
         # Batches without images leave the projector (and MoE experts) unused on some steps.

@@ -1,0 +1,164 @@
+"""LoRA adapters in peft's own format: what `train --lora-rank` writes to OUT/model/adapter/, what `--adapter DIR`
+reads, what `convert merge-lora` folds into the weights.
+
+    adapter_config.json          peft's LoraConfig; target_modules a regex over the model's module names
+    adapter_model.safetensors    the adapter's weights under PeftModel.save_pretrained's names
+                                 (base_model.model.<module>.lora_A.weight); its metadata holds the sha256 of the
+                                 base weights it was trained on (model.safetensors beside it)
+
+Inside minimind-v the adapter is injected into the model in place (peft's inject_adapter_in_model), so the model
+stays a MiniMindVLM with its own methods. Our module names are the export-hf model's, so the same directory
+loads with `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(export, ...), adapter_dir)`.
+peft is imported only when an adapter is built or read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from minimind_v.errors import UserError, first_line, short_list
+from minimind_v.fileio import atomic_write
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PREFIX = "base_model.model."
+"""PeftModel's names for the wrapped model's modules: the PeftModel holds a LoraModel that holds the model."""
+BASE_SHA256 = "minimind_v_base_sha256"
+"""The metadata key of the base weights' fingerprint (peft ignores metadata it does not know)."""
+
+
+def lora_config(rank: int, alpha: int, targets: list[str], dropout: float) -> Any:
+    """A LoraConfig wrapping the named linear layers of every block of the language model (lm.layers.N...),
+    never the tower's or the projector's layers of the same name."""
+    from peft import LoraConfig
+
+    names = "|".join(re.escape(t) for t in targets)
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                      target_modules=rf"lm\.layers\.\d+\.(.+\.)?({names})")
+
+
+def inject(model: nn.Module, config: Any) -> None:
+    """Wrap the config's target layers of `model` in LoRA layers, in place (the adapter's A drawn from torch's
+    generator, its B zero: the model still computes what it did)."""
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, model)
+
+
+def has_adapter(model: nn.Module) -> bool:
+    return getattr(model, "peft_config", None) is not None
+
+
+def is_lora_weight(name: str) -> bool:
+    """A parameter of a LoRA adapter (peft names them lora_A, lora_B, ...), not of the layer it wraps."""
+    return ".lora_" in f".{name}"
+
+
+def base_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of a model carrying an adapter as the plain model's: each wrapped layer's weights under its
+    own name (peft keeps them in `base_layer`), the adapter's left out."""
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if not is_lora_weight(k)}
+
+
+def fingerprint(weights: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of `weights`: which base an adapter belongs to."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def save_adapter(model: nn.Module, directory: str | Path, base: dict[str, torch.Tensor]) -> None:
+    """Write the adapter of `model` to `directory` as PeftModel.save_pretrained would; `base`: the weights it
+    adapts (the model directory's model.safetensors), fingerprinted into the metadata."""
+    from peft import get_peft_model_state_dict
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {PREFIX + k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    metadata = {"format": "pt", BASE_SHA256: fingerprint(base)}
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata))
+    config = dataclasses.replace(model.peft_config["default"], inference_mode=True)
+    config.save_pretrained(str(directory))
+
+
+def apply_adapter(model: nn.Module, directory: str | Path, base: dict[str, torch.Tensor]) -> None:
+    """Inject the adapter in `directory` into `model` and load its weights strictly; `base`: the model's weights
+    as stored, checked against the adapter's fingerprint. Nothing learns afterwards."""
+    directory = Path(directory)
+    config = read_config(directory)
+    state, metadata = read_weights(directory)
+    expected = metadata.get(BASE_SHA256)
+    if expected is not None and expected != fingerprint(base):
+        raise UserError(f"{directory}: this adapter was trained on other base weights than the model's (load it "
+                        f"with the model directory it was saved beside)")
+    try:
+        inject(model, config)
+    except ValueError as err:  # no target layer, or one peft cannot wrap
+        raise UserError(f"{directory / CONFIG_FILE}: does not fit this model ({first_line(err)})") from None
+    _load_strict(model, state, directory / WEIGHTS_FILE)
+    model.requires_grad_(False)
+
+
+def read_config(directory: Path) -> Any:
+    """The adapter's LoraConfig, or a UserError naming the directory or file at fault."""
+    from peft import PeftConfig, PeftType
+
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{directory}: not a LoRA adapter directory (no {CONFIG_FILE})")
+    try:
+        peft_type = json.loads(path.read_text()).get("peft_type")
+        if peft_type != PeftType.LORA:
+            raise UserError(f"{path}: peft_type {peft_type!r}; minimind-v applies LoRA adapters only")
+        return PeftConfig.from_pretrained(str(directory))
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        raise UserError(f"{path}: cannot read the adapter config ({err})") from None
+
+
+def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = directory / WEIGHTS_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (OSError, SafetensorError) as err:
+        raise UserError(f"{path}: cannot read the adapter weights ({err})") from None
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    state = {k.removeprefix(PREFIX): v for k, v in state.items()}
+    expected = get_peft_model_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{source}: the adapter does not fit this model; missing: {short_list(missing, 4)}; "
+                        f"unexpected: {short_list(unexpected, 4)}")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise UserError(f"{source}: {key} has shape {tuple(value.shape)}, this model needs "
+                            f"{tuple(expected[key].shape)}")
+    set_peft_model_state_dict(model, state)
+
+
+def merge(model: nn.Module) -> None:
+    """Fold the adapter into the weights it wraps and take its layers out: the plain model, the same function."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    del model.peft_config
