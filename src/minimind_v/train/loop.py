@@ -315,5 +315,7 @@ def finish(run: Run, steps: int, elapsed: float, say: Any) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         run.model.save_pretrained(tmp, tokenizer=run.start.tokenizer)
         replace_dir(tmp, target)
-        say(f"done: {steps} steps in {elapsed:.1f} s; model in {target}")
+        peak = devices.peak_memory_mb(run.device)
+        say(f"done: {steps} steps in {elapsed:.1f} s; model in {target}; peak memory {peak['mb']:,.0f} MB "
+            f"({peak['kind']})")
     distributed.barrier()
