@@ -127,6 +127,10 @@ def test_image_folder_resolves_links_inside_and_refuses_the_way_out(tmp_path):
                          ("sub/..", "missing_image")):
         with pytest.raises(BadSample, match=reason):
             folder.resolve(name)
+        with pytest.raises(BadSample, match=reason):  # the up-front pass's quick check agrees
+            ImageFolder(root).check(name)
+    for name in ("a.png", "sub/b.png", "sub/alias.png", str(root / "sub" / "b.png")):
+        folder.check(name)
 
 
 def test_pixel_values_batch_in_order():

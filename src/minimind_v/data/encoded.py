@@ -160,7 +160,7 @@ def _check_images(job: PassJob, folder: ImageFolder, raw: RawSample, pieces: Pie
         name = os.fspath(image)
         if job.scan_images:
             try:
-                folder.resolve(name)
+                folder.check(name)
             except BadSample as err:
                 chunk.faults.append((len(chunk.cols["names"]) + len(names), err.reason, err.detail))
         names.append(name)
