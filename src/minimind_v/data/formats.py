@@ -4,6 +4,9 @@
 - LLaVA json (one JSON array) or jsonl: {"image": "x.jpg" | [...], "conversations": [{"from", "value"}...]}
 - parquet: column `conversations` (JSON string or list of {role, content}), `image_bytes` (binary or list)
 - plain text for the language-model stage: {"text": "..."} lines (jsonl) or a `text` column (parquet)
+- preference pairs for DPO (`open_preferences`): `minimind-v synth --kind pairs`'s {"conversations": prompt,
+  "chosen": "...", "rejected": "...", "image": ...} (parquet: `image_bytes`), or RLAIF-V's columns `image` (a
+  {"bytes", "path"} struct, bytes or a name), `question`, `chosen`, `rejected`
 
 Every reader gives random access (`reader[i]`, for shuffling) over a small index built in one
 pass (line byte offsets for jsonl, element offsets for a JSON array, row-group sizes for parquet),
@@ -36,7 +39,8 @@ class BadSample(Exception):
     """One unusable sample: skipped and counted by `reason`, never fatal on its own.
 
     reason is a short key (bad_json, bad_record, bad_roles, missing_image, bad_image, image_path,
-    image_too_large, marker_mismatch, too_long, no_supervised_tokens) used to count; detail says what.
+    image_too_large, marker_mismatch, too_long, no_supervised_tokens; for preference pairs also empty_answer,
+    identical_answers) used to count; detail says what.
     """
 
     def __init__(self, reason: str, detail: str, source: str = "") -> None:
@@ -106,6 +110,10 @@ def _parse_images(value: Any, source: str) -> list[ImageRef]:
         return []
     if isinstance(value, (bytes, bytearray)):
         return [bytes(value)]
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):  # a Hugging Face Image struct
+        return _parse_images(value.get("bytes") or value.get("path"), source)
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value) and all(isinstance(v, dict) for v in value):
+        return [image for v in value for image in _parse_images(v, source)]
     if isinstance(value, str):  # upstream: "a.jpg, b.jpg"
         return [name.strip() for name in value.split(",") if name.strip()]
     if isinstance(value, (list, tuple, np.ndarray)) and all(isinstance(v, (str, bytes)) for v in value):
@@ -144,13 +152,15 @@ class JsonlReader:
         start, end = int(self._starts[index]), int(self._ends[index])
         return os.pread(self._fd, end - start, start)
 
-    def __getitem__(self, index: int) -> RawSample:
-        source = self.source(index)
+    def record(self, index: int) -> Any:
+        """The decoded JSON of line `index`, not yet understood."""
         try:
-            obj = json.loads(self._read(index))
+            return json.loads(self._read(index))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BadSample("bad_json", f"malformed JSON line ({err})", source) from None
-        return parse_record(obj, source)
+            raise BadSample("bad_json", f"malformed JSON line ({err})", self.source(index)) from None
+
+    def __getitem__(self, index: int) -> RawSample:
+        return parse_record(self.record(index), self.source(index))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fd": None, "_pid": -1}
@@ -170,9 +180,12 @@ class JsonArrayReader:
     def source(self, index: int) -> str:
         return f"{self.path}:{self._lines[index]}"
 
-    def __getitem__(self, index: int) -> RawSample:
+    def record(self, index: int) -> Any:
         start, end = self._spans[index]
-        return parse_record(json.loads(self._text[start:end]), self.source(index))
+        return json.loads(self._text[start:end])
+
+    def __getitem__(self, index: int) -> RawSample:
+        return parse_record(self.record(index), self.source(index))
 
 
 def _array_spans(text: str, path: Path) -> tuple[list[tuple[int, int]], list[int]]:
@@ -202,7 +215,7 @@ def _array_spans(text: str, path: Path) -> tuple[list[tuple[int, int]], list[int
 class ParquetReader:
     """Rows of a parquet file; random access reads (and keeps) the row group a row lies in."""
 
-    def __init__(self, path: Path, images_dir: Path | None) -> None:
+    def __init__(self, path: Path, images_dir: Path | None, pairs: bool = False) -> None:
         import pyarrow.parquet as pq
 
         self.path, self.images_dir = path, images_dir
@@ -211,9 +224,15 @@ class ParquetReader:
         except Exception as err:  # pyarrow raises ArrowInvalid / OSError for a file that is not parquet
             raise UserError(f"{path}: not a readable parquet file ({err})") from None
         meta, names = parquet.metadata, set(parquet.schema_arrow.names)  # top-level columns, not nested leaves
-        if not names & {"conversations", "text"}:
-            raise UserError(f"{path}: no 'conversations' (or 'text') column; columns: {', '.join(sorted(names))}")
-        self._columns = [c for c in ("conversations", "text", "image_bytes", "image") if c in names]
+        if pairs:
+            usable, needs = {"chosen", "rejected"} <= names and names & {"conversations", "question"}, \
+                "'chosen', 'rejected' and 'conversations' (or 'question') columns"
+        else:
+            usable, needs = names & {"conversations", "text"}, "'conversations' (or 'text') column"
+        if not usable:
+            raise UserError(f"{path}: no {needs}; columns: {', '.join(sorted(names))}")
+        pair_columns = ("question", "chosen", "rejected", "images") if pairs else ()
+        self._columns = [c for c in ("conversations", "text", "image_bytes", "image", *pair_columns) if c in names]
         sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         self._group_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._file: Any = None
@@ -237,12 +256,16 @@ class ParquetReader:
             self._cache[group] = self._file.read_row_group(group, columns=self._columns).to_pylist()
         return self._cache[group]
 
-    def __getitem__(self, index: int) -> RawSample:
+    def record(self, index: int) -> dict[str, Any]:
+        """Row `index` as a dict of its read columns, nulls left out."""
         if not 0 <= index < len(self):
             raise IndexError(index)
         group = int(np.searchsorted(self._group_starts, index, side="right")) - 1
         row = self._group(group)[index - int(self._group_starts[group])]
-        return parse_record({k: v for k, v in row.items() if v is not None}, self.source(index))
+        return {k: v for k, v in row.items() if v is not None}
+
+    def __getitem__(self, index: int) -> RawSample:
+        return parse_record(self.record(index), self.source(index))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_file": None, "_pid": -1, "_cache": {}}
@@ -253,6 +276,11 @@ def open_dataset(path: str | Path, images_dir: str | Path | None = None) -> Read
 
     images_dir defaults to `images/` beside the data file when that folder exists, else the file's folder.
     """
+    return _open_records(path, images_dir)
+
+
+def _open_records(path: str | Path, images_dir: str | Path | None, pairs: bool = False) -> Any:
+    """The reader of the file's format; `pairs`: its parquet columns are those of preference pairs."""
     path = data_file(path)
     if images_dir is None:
         images_dir = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
@@ -261,7 +289,7 @@ def open_dataset(path: str | Path, images_dir: str | Path | None = None) -> Read
     images = Path(images_dir)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return ParquetReader(path, images)
+        return ParquetReader(path, images, pairs)
     if suffix == ".json" and _first_char(path) == "[":
         return JsonArrayReader(path, images)
     if suffix in (".jsonl", ".json"):
@@ -288,3 +316,68 @@ def _first_char(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
     return head[:1].decode("ascii", "replace")
+
+
+@dataclass
+class PreferenceRecord:
+    """One preference pair as read: the prompt (every turn before the answer, ending with a user turn), its images,
+    and the two answers."""
+
+    prompt: list[dict[str, str]]
+    chosen: str
+    rejected: str
+    images: list[ImageRef] = field(default_factory=list)
+    source: str = ""
+
+
+def parse_preference(obj: Any, source: str) -> PreferenceRecord:
+    """A decoded pair (ours, or RLAIF-V's columns) -> PreferenceRecord; BadSample for a malformed or useless one."""
+    if not isinstance(obj, dict):
+        raise BadSample("bad_record", f"expected a JSON object, got {type(obj).__name__}", source)
+    images = _parse_images(obj.get("image", obj.get("images", obj.get("image_bytes"))), source)
+    if "conversations" in obj:
+        prompt = _parse_turns(obj["conversations"], source)
+    elif isinstance(obj.get("question"), str):
+        prompt = [{"role": "user", "content": obj["question"]}]
+    else:
+        raise BadSample("bad_record", "no 'conversations' (or 'question') field", source)
+    chosen, rejected = (_answer(obj.get(side), side, source) for side in ("chosen", "rejected"))
+    if not chosen.strip() or not rejected.strip():
+        raise BadSample("empty_answer", f"the {'chosen' if not chosen.strip() else 'rejected'} answer is empty", source)
+    if chosen == rejected:
+        raise BadSample("identical_answers", "the chosen and the rejected answer are the same", source)
+    return PreferenceRecord(prompt, chosen, rejected, images, source)
+
+
+def _answer(value: Any, side: str, source: str) -> str:
+    """An answer given as text, or as a conversation (or one turn) whose last turn is the assistant's."""
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value):
+        turns = _parse_turns(list(value), source)
+        if turns[-1]["role"] == "assistant":
+            return turns[-1]["content"]
+    if isinstance(value, str):
+        return value
+    raise BadSample("bad_record", f"'{side}' must be a string or end with an assistant turn", source)
+
+
+class PreferenceReader:
+    """Preference pairs over any reader of records (jsonl, JSON array, parquet): `reader[i]` is a PreferenceRecord."""
+
+    def __init__(self, records: Any) -> None:
+        self.records, self.path, self.images_dir = records, records.path, records.images_dir
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def source(self, index: int) -> str:
+        return self.records.source(index)
+
+    def __getitem__(self, index: int) -> PreferenceRecord:
+        return parse_preference(self.records.record(index), self.source(index))
+
+
+def open_preferences(path: str | Path, images_dir: str | Path | None = None) -> PreferenceReader:
+    """The preference pairs in a data file (images_dir as for `open_dataset`)."""
+    return PreferenceReader(_open_records(path, images_dir, pairs=True))

@@ -45,8 +45,9 @@ class LoraSettings:
 
 @dataclass
 class TrainConfig:
-    stage: Literal["lm", "pretrain", "sft"]
-    """lm: the language model on text, from nothing; pretrain: captions, projector only; sft: conversations, LLM + projector."""
+    stage: Literal["lm", "pretrain", "sft", "dpo"]
+    """lm: the language model on text, from nothing; pretrain: captions, projector only; sft: conversations, LLM + projector;
+    dpo: preference pairs (a prompt, a chosen and a rejected answer), against the starting model."""
     recipe: Recipe = "minimind-v"
     """Whose stage defaults: minimind-v (the 2025 recipe) or minimind-3v (2026: pretrain 2 epochs of 450 tokens;
     SFT lr 5e-6, batch 4, 768 tokens, projector+ends); train/stages.py holds them."""
@@ -97,6 +98,12 @@ class TrainConfig:
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"inline": True})
     """LoRA instead of training the language model's weights (--lora-rank, --lora-alpha, --lora-targets,
     --lora-dropout)."""
+    dpo_beta: float = 0.1
+    """DPO's beta: an answer's reward is beta times its log-probability gain over the starting model; larger keeps
+    the model closer to where it started."""
+    dpo_sft_weight: float = 0.0
+    """DPO: add this times the chosen answer's cross-entropy per token to each pair's loss (RPO; LLaMA-Factory's
+    pref_ftx), so the chosen answers stay likely while the margin grows; 0: plain DPO."""
     feature_cache: bool | None = None
     """Encode each image once with the frozen tower and train on the stored features (default: on when the tower
     is frozen)."""
@@ -119,6 +126,8 @@ def for_stage(cfg: TrainConfig) -> TrainConfig:
     """`cfg` with every unset field at the stage's default, checked; what a run trains with and records."""
     stage = get_stage(cfg.stage, cfg.recipe)
     defaults = {name: getattr(stage, name) for name in ("lr", "batch_size", "max_seq_len", "epochs", "freeze")}
+    if cfg.lora.lora_rank > 0 and stage.lora_lr is not None:
+        defaults["lr"] = stage.lora_lr
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     if cfg.freeze == "all" and cfg.model.vision.freeze:
         # A tower that learns must travel with the model directory, not be referenced by hub id.
@@ -145,6 +154,12 @@ def check(cfg: TrainConfig) -> None:
     if not 0 <= cfg.max_bad_fraction <= 1:
         raise UserError(f"--max-bad-fraction {cfg.max_bad_fraction}: must be between 0 and 1")
     check_lora(cfg.lora)
+    if cfg.dpo_beta <= 0:
+        raise UserError(f"--dpo-beta {cfg.dpo_beta}: must be positive")
+    if cfg.dpo_sft_weight < 0:
+        raise UserError(f"--dpo-sft-weight {cfg.dpo_sft_weight}: must not be negative")
+    if cfg.stage == "dpo" and cfg.batching == "packed":
+        raise UserError("--batching packed: DPO compares each pair's two answers row by row; use random or grouped")
     if cfg.feature_cache and cfg.tower_learns:
         raise UserError(f"--feature-cache: the tower learns under --freeze {cfg.freeze}, so its features "
                         "cannot be stored once")

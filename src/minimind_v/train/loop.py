@@ -1,6 +1,6 @@
 """`minimind-v train`: the one training loop, for every stage.
 
-A stage (lm, pretrain, sft) is a config (train/stages.py), not a script. Single process:
+A stage (lm, pretrain, sft, dpo) is a config (train/stages.py), not a script. Single process:
 `minimind-v train --stage sft --data sft.jsonl --from runs/pretrain/model --out runs/sft`.
 Several GPUs or CPU processes: `torchrun --nproc-per-node 8 -m minimind_v.cli train ...` (same flags).
 
@@ -28,7 +28,7 @@ from minimind_v import devices
 from minimind_v.errors import UserError, short_list
 from minimind_v.fileio import replace_dir
 from minimind_v.options import apply_overrides
-from minimind_v.train import build, checkpoint, distributed, optim
+from minimind_v.train import build, checkpoint, distributed, dpo, optim
 from minimind_v.train.config import TrainConfig, check, for_stage, resume_conflicts, warmup_steps
 from minimind_v.train.distributed import DistInfo
 from minimind_v.train.metrics import MetricsLog, RunLog, Tracker, plot_loss, require_tracker
@@ -37,7 +37,7 @@ from minimind_v.train.sampler import Slicing
 from minimind_v.train.settings import RunSettings, TrainOptions
 from minimind_v.train.stages import get_stage
 from minimind_v.train.state import LoopState, Window
-from minimind_v.train.step import Batch, input_tokens, supervised_tokens, train_step, validation_sums
+from minimind_v.train.step import CROSS_ENTROPY, Batch, Objective, input_tokens, train_step, validation_sums
 
 __all__ = ["TrainOptions", "main", "train"]
 
@@ -176,6 +176,10 @@ class Loop:
         self.bar = tqdm(total=total, initial=state.step, disable=not info.is_main, unit="step",
                         dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
         self.window = Window(run.device)
+        # What the step minimises: cross-entropy, or DPO's loss against the starting model (train/dpo.py).
+        self.objective: Objective = CROSS_ENTROPY
+        if cfg.stage == "dpo":
+            self.objective = dpo.objective_for(run, resumed=state.step > 0, say=say)
         self.pending_bad: list[Any] = []
         self.lr, self.grad_norm = 0.0, torch.zeros(())
 
@@ -217,9 +221,10 @@ class Loop:
         if micro:
             optim.set_lr(run.optimizer, lr)
             inputs = [model_inputs(b) for b in micro]
-            ce_sum, self.grad_norm = train_step(run.train_model, inputs, run.optimizer, run.precision,
-                                                run.cfg.grad_clip, run.device)
-            self.window.add(ce_sum, sum(supervised_tokens(b) for b in inputs), sum(input_tokens(b) for b in inputs))
+            loss_sum, self.grad_norm = train_step(run.train_model, inputs, run.optimizer, run.precision,
+                                                  run.cfg.grad_clip, run.device, self.objective)
+            self.window.add(loss_sum, sum(self.objective.units(b) for b in inputs),
+                            sum(input_tokens(b) for b in inputs))
         self.lr = lr
         self.state.step += 1
         self.bar.update(1)
@@ -234,7 +239,7 @@ class Loop:
         save = last or (settings.save_every and step % settings.save_every == 0)
         if last or evaluate or save or step % settings.log_every == 0:
             seconds = time.perf_counter() - self.window.began  # training time only, not validation
-            self.log(seconds, val_loss=validate(self.run) if evaluate else None)
+            self.log(seconds, val_loss=validate(self.run, self.objective) if evaluate else None)
             if save:
                 self.save()
             self.window.reset()
@@ -259,7 +264,8 @@ class Loop:
         self.state.tokens += int(tokens)
         record = {"step": self.state.step, "epoch": self.state.epoch, "loss": ce / max(supervised, 1),
                   "lr": self.lr, "tokens": self.state.tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
-                  "elapsed": round(self.elapsed(), 3), "grad_norm": float(self.grad_norm)}
+                  "elapsed": round(self.elapsed(), 3), "grad_norm": float(self.grad_norm),
+                  **self.objective.window_metrics()}
         if val_loss is not None:
             record["val_loss"] = val_loss
         if self.metrics is not None:
@@ -297,15 +303,15 @@ class Loop:
                       f"minimind-v {self.run.cfg.stage}: {self.run.out.name}")
 
 
-def validate(run: Run) -> float:
+def validate(run: Run, objective: Objective = CROSS_ENTROPY) -> float:
     val = run.data.val
     order = sorted(range(len(val)), key=lambda i: int(val.lengths[i]))  # little padding
     size = run.cfg.batch_size
     chunks = [order[i:i + size] for i in range(0, len(order), size)]
     loader = run.loader(val, chunks[run.info.rank::run.info.world_size])
     batches = (model_inputs(b) for b in loader if b["input_ids"] is not None)
-    ce, n = validation_sums(run.model, batches, run.precision, run.device)
-    return ce / max(n, 1)
+    loss, n = validation_sums(run.model, batches, run.precision, run.device, objective)
+    return loss / max(n, 1)
 
 
 def finish(run: Run, steps: int, elapsed: float, say: Any) -> None:

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from minimind_v.data.batching import BatchPlan, Collator
 from minimind_v.data.dataset import BadSampleTracker, VLMDataset
 from minimind_v.data.feature_cache import NoRoom
+from minimind_v.data.preference import PairCollate, open_pairs
 from minimind_v.errors import UserError
 from minimind_v.model.vlm import MiniMindVLM
 from minimind_v.train import build, checkpoint, distributed, features, freezing, lora, optim
@@ -135,11 +136,12 @@ def open_data(cfg: TrainConfig, start: build.Start, settings: RunSettings, info:
     cached = bool(cfg.feature_cache)
 
     cache_dir = build.encodings_dir(settings.encodings_dir)
+    open_file = open_pairs if cfg.stage == "dpo" else build.open_data  # preference pairs: data/preference.py
 
     def read(path: str, training: bool) -> VLMDataset:
-        dataset = build.open_data(path, settings.images, start.tokenizer, cfg.model, preprocessor, cfg.max_seq_len,
-                                  decode_images=not cached, augment=cfg.augment if training else None, seed=cfg.seed,
-                                  cache_dir=cache_dir)
+        dataset = open_file(path, settings.images, start.tokenizer, cfg.model, preprocessor, cfg.max_seq_len,
+                            decode_images=not cached, augment=cfg.augment if training else None, seed=cfg.seed,
+                            cache_dir=cache_dir)
         say(f"{path}: {dataset.pass_note}")
         return dataset
 
@@ -166,6 +168,8 @@ def open_data(cfg: TrainConfig, start: build.Start, settings: RunSettings, info:
                 each.settings.decode_images = True
         else:
             collate = features.WithCachedFeatures(collate, cache)
+    if cfg.stage == "dpo":
+        collate = PairCollate(collate)  # a batch of P pairs: P chosen rows, then their P rejected rows
     plan = BatchPlan(dataset.lengths, cfg.batch_size, cfg.batching, cfg.max_seq_len, cfg.seed)
     return Data(dataset, val, bad, collate, plan)
 

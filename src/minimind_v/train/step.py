@@ -4,6 +4,8 @@ The objective of a step is the cross-entropy summed over every supervised token 
 micro-batches on every process, divided by their total count: each token weighs the same
 whatever micro-batch or process it landed in. So k micro-batches of B samples give the weights
 of one batch of kB, and W processes give those of one process with a W times larger batch.
+Another `Objective` (DPO's, train/dpo.py) brings its own loss and its own units (preference pairs
+instead of tokens), weighed the same way.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -110,8 +113,39 @@ def _forward(model: nn.Module, batch: Batch, precision: Precision):
         return model(**batch, logits_to_keep="none")
 
 
+class Objective(Protocol):
+    """What a step minimises: a mean over some units of each micro-batch, counted on the host."""
+
+    def units(self, batch: Batch) -> int:
+        """How many units (supervised tokens, preference pairs) the batch's loss is a mean over."""
+
+    def __call__(self, model: nn.Module, batch: Batch, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss over the batch's units, MoE balance loss) for a batch prepared on the device."""
+
+    def window_metrics(self) -> dict[str, float]:
+        """Means since the last call for the log line, over all processes (every process calls it); {} if none."""
+
+
+class CrossEntropy:
+    """The language-model objective of every stage but dpo: cross-entropy per supervised token."""
+
+    def units(self, batch: Batch) -> int:
+        return supervised_tokens(batch)
+
+    def __call__(self, model: nn.Module, batch: Batch, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
+        out = _forward(model, batch, precision)
+        return out.loss - out.aux_loss, out.aux_loss
+
+    def window_metrics(self) -> dict[str, float]:
+        return {}
+
+
+CROSS_ENTROPY = CrossEntropy()
+
+
 def _step_tokens(local: int, device: torch.device) -> float | torch.Tensor:
-    """Supervised tokens of this step on all processes (at least 1), without making the host wait."""
+    """Supervised tokens (an objective's units) of this step on all processes (at least 1), without making the host
+    wait."""
     if not torch.distributed.is_initialized():
         return float(max(local, 1))
     # A pageable host->device copy would wait for the queued kernels; a pinned, non-blocking one does not.
@@ -120,24 +154,25 @@ def _step_tokens(local: int, device: torch.device) -> float | torch.Tensor:
 
 
 def train_step(model: nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer,
-               precision: Precision, grad_clip: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward/backward every micro-batch, then clip and step. Returns (summed CE, grad norm) as device
-    tensors, so nothing here waits for the device."""
-    counts = [supervised_tokens(b) for b in micro_batches]
+               precision: Precision, grad_clip: float, device: torch.device,
+               objective: Objective = CROSS_ENTROPY) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward/backward every micro-batch, then clip and step. Returns (the loss summed over the units: summed CE,
+    grad norm) as device tensors, so nothing here waits for the device."""
+    counts = [objective.units(b) for b in micro_batches]
     total = _step_tokens(sum(counts), device)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     k = len(micro_batches)
-    ce_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device)
     for i, (batch, n) in enumerate(zip(micro_batches, counts)):
         last = i == k - 1
         # DDP averages gradients over processes; multiplying by `world` turns that average into a sum.
         sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
         with sync:
-            out = _forward(model, to_device(host_prepared(batch, model), device), precision)
-            ce = out.loss - out.aux_loss  # mean CE over this micro-batch's n supervised tokens
-            backward(ce * (n * world) / total + out.aux_loss / k, precision)
-        ce_sum += ce.detach().float() * n
-    return ce_sum, apply_gradients(optimizer, precision, grad_clip)
+            # The mean loss over this micro-batch's n units (supervised tokens for CE).
+            loss, aux_loss = objective(model, to_device(host_prepared(batch, model), device), precision)
+            backward(loss * (n * world) / total + aux_loss / k, precision)
+        loss_sum += loss.detach().float() * n
+    return loss_sum, apply_gradients(optimizer, precision, grad_clip)
 
 
 def backward(loss: torch.Tensor, precision: Precision) -> None:
@@ -164,15 +199,15 @@ def apply_gradients(optimizer: torch.optim.Optimizer, precision: Precision, grad
 
 @torch.no_grad()
 def validation_sums(model: nn.Module, batches: Iterator[Batch], precision: Precision,
-                    device: torch.device) -> tuple[float, int]:
-    """(summed CE, supervised tokens) over this process's validation batches, summed over processes."""
+                    device: torch.device, objective: Objective = CROSS_ENTROPY) -> tuple[float, int]:
+    """(summed loss: CE, units: supervised tokens) over this process's validation batches, summed over processes."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
-        n = supervised_tokens(batch)
-        out = _forward(model, to_device(host_prepared(batch, model), device), precision)
-        totals[0] += out.loss.double() * n
+        n = objective.units(batch)
+        loss, _ = objective(model, to_device(host_prepared(batch, model), device), precision)
+        totals[0] += loss.double() * n
         totals[1] += n
     model.train(was_training)
     distributed.all_reduce_sum(totals)
