@@ -116,14 +116,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (xf * cos.unsqueeze(1).float() + rotate_half(xf) * sin.unsqueeze(1).float()).type_as(x)
 
 
-def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
-    """(B, kv_heads, T, D) -> (B, kv_heads * n_rep, T, D), each KV head serving n_rep query heads."""
-    if n_rep == 1:
-        return x
-    b, h, t, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
@@ -147,12 +139,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, KV, T_total, D)
-        n_rep = self.n_heads // self.n_kv_heads
-        # Without a mask or cache the fast is_causal path applies; otherwise `mask` says it all.
+        # Without a mask or cache the fast is_causal path applies; otherwise `mask` says it all. A branch, not an
+        # expression: under torch.compile T may be a symbol, and SDPA takes only a plain bool.
+        causal = False
+        if mask is None and past is None and T > 1:
+            causal = True
+        # enable_gqa: each KV head serves its group of query heads inside the kernel (repeating K and V copies).
         y = F.scaled_dot_product_attention(
-            q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and past is None and T > 1)  # (B, H, T, D)
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal,
+            enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v)
 
 
