@@ -280,6 +280,7 @@ def _timed_fast(model: nn.Module, cfg: TrainConfig, batches: list[Batch], warmup
     trainer's loader gives them (the step prepares and moves them itself)."""
     optimizer = build_optimizer(model, cfg)
     precision = Precision.choose(cfg.dtype, device)
+    precision.set_backends()
 
     def step(batch: Batch) -> float:
         ids, labels = fast_inputs(batch, torch.device("cpu"), multiple)
@@ -296,6 +297,7 @@ def _timed_naive(model: nn.Module, cfg: TrainConfig, batches: list[Batch], warmu
     (weight decay 0.01, betas 0.9/0.999, the unfused kernel) and clipping at 1."""
     optimizer = optim.build_optimizer(model, cfg.lr, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8, fused=False)
     precision = Precision.choose(cfg.dtype, device)
+    precision.set_backends()
 
     def step(batch: Batch) -> float:
         with precision.autocast():

@@ -89,8 +89,9 @@ class TrainConfig:
         "packing": ("packed", "Pack several samples into each row of max_seq_len tokens (no padding)"),
         "group_by_length": ("grouped", "Batch samples of similar length together (less padding)")}})
     """random: shuffled; grouped: similar lengths per batch (less padding); packed: samples packed into rows."""
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 autocast on CUDA, fp32 elsewhere; fp16 uses a gradient scaler."""
+    dtype: Literal["auto", "fp32", "fp32-strict", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 elsewhere; fp32 on CUDA multiplies on TF32 tensor cores (fp32-strict: in
+    full fp32); fp16 uses a gradient scaler."""
     max_bad_fraction: float = 0.01
     """Share of unusable samples (broken image, malformed record, too long) above which the run stops, exit 2."""
     augment: ChatAugmentation = field(default_factory=ChatAugmentation, metadata={"inline": True})

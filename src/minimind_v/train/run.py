@@ -92,6 +92,7 @@ def set_up(cfg: TrainConfig, start: build.Start, settings: RunSettings, info: Di
     say(f"parameters: {total:,} total, {trainable:,} trainable (freeze={cfg.freeze}{lora.describe(cfg)}); "
         f"{info.world_size} process(es) on {info.device}")
     precision = Precision.choose(cfg.dtype, info.device)
+    precision.set_backends()
     data = open_data(cfg, start, settings, info, model, precision, say)
     try:
         optimizer = build_optimizer(model, cfg)
