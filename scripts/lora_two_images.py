@@ -268,7 +268,7 @@ def main() -> None:
              "--lora-targets", a.targets, "--lr", str(a.lr), "--batch-size", str(a.batch_size),
              "--max-seq-len", str(a.max_seq_len), "--warmup-steps", str(a.warmup_steps), "--seed", str(a.seed),
              "--group-by-length", "--epochs", "20", "--max-minutes", f"{a.minutes - a.setup_minutes:g}",
-             "--save-every", "0", "--keep-checkpoints", "1"]
+             "--save-minutes", "0", "--keep-checkpoints", "1"]
     if a.alpha is not None:
         train += ["--lora-alpha", str(a.alpha)]
     if a.val_n > 0:  # its images must be found under --images too

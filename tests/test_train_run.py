@@ -177,7 +177,9 @@ def ddp_runs(world, tokenizer_dir, tmp_path_factory):
     assert train(*lm_args(world, tokenizer_dir, one, *args, "--accumulation-steps", "2")) == 0
     resumed.mkdir()
     shutil.copytree(one / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
-    runs = [lm_args(world, tokenizer_dir, two, *args), lm_args(world, tokenizer_dir, resumed, *args, "--resume")]
+    # `two` saves by the clock (every log step, here every step), which both processes must read alike.
+    by_clock = [*args, "--save-every", "0", "--save-minutes", "1e-9"]
+    runs = [lm_args(world, tokenizer_dir, two, *by_clock), lm_args(world, tokenizer_dir, resumed, *args, "--resume")]
     torch.multiprocessing.spawn(_ddp_worker, args=([_free_port() for _ in runs], runs), nprocs=2)
     return one, two, resumed
 
@@ -187,6 +189,20 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(ddp_run
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
     for key, value in weights(one).items():
         torch.testing.assert_close(weights(two)[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_checkpoints_by_the_clock_come_at_log_steps_on_every_process(ddp_runs):
+    _, two, _ = ddp_runs
+    saved = sorted(p.name for p in (two / "checkpoints").iterdir())
+    assert saved == [f"step-{i:08d}" for i in (1, 2, 3, 4)]
+
+
+def test_checkpoints_by_the_clock_wait_for_their_minutes(world, tokenizer_dir, tmp_path):
+    out = tmp_path / "run"
+    # The default: every 10 minutes, which a run of seconds never reaches, so only the end is saved.
+    assert train(*lm_args(world, tokenizer_dir, out, "--batch-size", "2", "--max-steps", "3",
+                          "--keep-checkpoints", "5")) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003"]
 
 
 def test_resume_with_another_world_size_continues_from_the_same_global_sample(ddp_runs):

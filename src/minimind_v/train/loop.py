@@ -182,6 +182,7 @@ class Loop:
             self.objective = dpo.objective_for(run, resumed=state.step > 0, say=say)
         self.pending_bad: list[Any] = []
         self.lr, self.grad_norm = 0.0, torch.zeros(())
+        self.last_save = self.schedule.began
 
     def epochs(self) -> None:
         first_epoch, first_position = self.state.epoch, self.state.position
@@ -236,24 +237,38 @@ class Loop:
             schedule.total_steps = step
         last = step >= schedule.total_steps
         evaluate = self.run.data.val is not None and (last or (settings.eval_every and step % settings.eval_every == 0))
-        save = last or (settings.save_every and step % settings.save_every == 0)
-        if last or evaluate or save or step % settings.log_every == 0:
+        log_step = step % settings.log_every == 0
+        save = last or self.save_due(step, log_step)
+        if last or evaluate or save or log_step:
             seconds = time.perf_counter() - self.window.began  # training time only, not validation
             self.log(seconds, val_loss=validate(self.run, self.objective) if evaluate else None)
             if save:
                 self.save()
             self.window.reset()
 
+    def save_due(self, step: int, log_step: bool) -> bool:
+        """A checkpoint every --save-every steps, or else every --save-minutes of training. The clock is read at log
+        steps only (which read the loss back anyway), so a step never waits for it."""
+        settings = self.run.settings
+        if settings.save_every:
+            return step % settings.save_every == 0
+        if not settings.save_minutes or not log_step:
+            return False
+        return self.rank0(time.perf_counter() - self.last_save) >= 60 * settings.save_minutes
+
     def clock(self) -> float:
-        """Share of --max-minutes used (0 without a limit); every process sees rank 0's clock."""
-        run = self.run
-        if run.cfg.max_minutes is None:
+        """Share of --max-minutes used (0 without a limit)."""
+        if self.run.cfg.max_minutes is None:
             return 0.0
-        used = torch.tensor((time.perf_counter() - self.schedule.began) / (60 * run.cfg.max_minutes),
-                            device=run.device)
-        if run.info.enabled:
-            torch.distributed.broadcast(used, src=0)
-        return float(used)
+        return self.rank0((time.perf_counter() - self.schedule.began) / (60 * self.run.cfg.max_minutes))
+
+    def rank0(self, reading: float) -> float:
+        """Rank 0's value of a clock reading, so that every process takes the same branch on it."""
+        if not self.run.info.enabled:
+            return reading
+        value = torch.tensor(reading, device=self.run.device)
+        torch.distributed.broadcast(value, src=0)
+        return float(value)
 
     def elapsed(self) -> float:
         return self.state.elapsed + time.perf_counter() - self.schedule.began
@@ -295,6 +310,7 @@ class Loop:
             checkpoint.save(run.out, self.state.step, run.model, run.optimizer, run.precision.scaler, rng_states,
                             saved, run.settings.keep_checkpoints)
         distributed.barrier()
+        self.last_save = time.perf_counter()
 
     def close(self) -> None:
         if self.metrics is not None:

@@ -33,8 +33,11 @@ class RunSettings:
     """Held-out data for a validation loss (same format; its images from --images)."""
     eval_every: int = 0
     """Validation every N steps (0: only at the end); needs --val-data."""
-    save_every: int = 500
-    """Checkpoint every N optimizer steps (0: only at the end)."""
+    save_every: int = 0
+    """Checkpoint every N optimizer steps (0: by the clock, every --save-minutes)."""
+    save_minutes: float = 10.0
+    """With --save-every 0: checkpoint once this many minutes of training have passed since the last one, checked
+    at log steps (0: only at the end)."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept in OUT/checkpoints."""
     resume: bool = False
