@@ -5,6 +5,8 @@
   `segment_ids` number the samples of a row 1..k (0 = padding) so attention stays within a sample,
   `position_ids` restart at 0 for every sample, and the first token of each sample gets no label, so
   the loss of a packed batch equals the token-mean over the same samples unpacked.
+- `Collator(pad_id, widths=W, rows=R)`: for a compiled model, a handful of shapes: each batch right-padded to
+  the narrowest of the widths W (`bucket_widths`) that holds it, and to R rows with empty rows (no labels).
 - `BatchPlan`: which sample indices form each batch of an epoch, a function of (seed, epoch) only
   (a DataLoader takes an epoch's list as its batch_sampler):
   "random" (shuffled), "grouped" (shuffled, then sorted by length within mega-batches, so a batch
@@ -65,11 +67,27 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def bucket_widths(lengths: np.ndarray, n: int, multiple: int = 8) -> tuple[int, ...]:
+    """At most n padded widths for a data set's sample lengths: its n quantiles (the last one the longest sample),
+    each rounded up to a multiple of `multiple`. Equal shares of the samples fall between neighbouring widths, so
+    the padding they add is small where most samples are."""
+    if n < 1:
+        raise ValueError(f"length buckets: {n}, need at least 1")
+    lengths = np.asarray(lengths)
+    if lengths.size == 0:
+        return ()
+    edges = np.quantile(lengths, np.arange(1, n + 1) / n, method="higher")
+    return tuple(sorted({int(-(-int(e) // multiple) * multiple) for e in edges}))
+
+
 class Collator:
     """Picklable collate_fn for DataLoader workers: drops BadSamples (returning them) and builds the batch."""
 
-    def __init__(self, pad_id: int, pack_len: int | None = None) -> None:
-        self.pad_id, self.pack_len = pad_id, pack_len
+    def __init__(self, pad_id: int, pack_len: int | None = None, widths: tuple[int, ...] = (),
+                 rows: int | None = None) -> None:
+        """widths: pad each batch to the narrowest that holds it (wider batches: to their longest row);
+        rows: add empty rows (padding, no labels) up to this many."""
+        self.pad_id, self.pack_len, self.widths, self.rows = pad_id, pack_len, tuple(sorted(widths)), rows
 
     def __call__(self, items: list[Sample | BadSample]) -> dict[str, Any]:
         samples = [s for s in items if isinstance(s, Sample)]
@@ -91,7 +109,8 @@ class Collator:
 
     def _rows(self, rows: list[list[Sample]]) -> dict[str, torch.Tensor]:
         width = max(sum(len(s.input_ids) for s in row) for row in rows)
-        shape = (len(rows), width)
+        width = next((w for w in self.widths if w >= width), width)
+        shape = (max(len(rows), self.rows or 0), width)
         input_ids = torch.full(shape, self.pad_id, dtype=torch.long)
         labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
         segment_ids = torch.zeros(shape, dtype=torch.long)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from minimind_v.data.batching import BatchPlan, Collator
+from minimind_v.data.batching import BatchPlan, Collator, bucket_widths
 from minimind_v.data.dataset import BadSampleTracker, VLMDataset
 from minimind_v.data.feature_cache import NoRoom
 from minimind_v.data.preference import PairCollate, open_pairs
@@ -125,6 +125,19 @@ def restore(path: Path, model: MiniMindVLM, optimizer: torch.optim.Optimizer, pr
     return state
 
 
+def shapes(dataset: VLMDataset, cfg: TrainConfig, settings: RunSettings) -> dict[str, Any]:
+    """A compiled model's batch shapes: a few widths, all rows, so that few graphs are compiled (none without
+    --compile: padding that nothing needs would only cost time). Packed rows are max_seq_len wide, but how many
+    rows a batch packs into varies."""
+    if not settings.compile:
+        return {}
+    if cfg.batching == "packed":
+        return {"widths": (cfg.max_seq_len,)}
+    widths = bucket_widths(dataset.lengths, settings.length_buckets)
+    # A DPO batch's rows are its pairs' chosen then rejected answers; rows added after them would pair with nothing.
+    return {"widths": widths} if cfg.stage == "dpo" else {"widths": widths, "rows": cfg.batch_size}
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """The config's AdamW over what trains: the one optimizer every training loop uses."""
     return optim.build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps)
@@ -159,7 +172,7 @@ def open_data(cfg: TrainConfig, start: build.Start, settings: RunSettings, info:
     if val is not None:
         say(f"validation: {len(val)} usable samples ({len(val.bad_upfront)} bad) in {settings.val_data}")
     pack_len = cfg.max_seq_len if cfg.batching == "packed" else None
-    collate: Any = Collator(start.tokenizer.pad_token_id, pack_len)
+    collate: Any = Collator(start.tokenizer.pad_token_id, pack_len, **shapes(dataset, cfg, settings))
     if cached:
         root = Path(settings.feature_cache_dir or Path(settings.out) / "feature_cache")
         datasets = [d for d in (dataset, val) if d is not None]
@@ -205,7 +218,17 @@ def wrap(model: MiniMindVLM, cfg: TrainConfig, settings: RunSettings, info: Dist
     """The model the step calls: compiled on request, in DDP under torchrun. A LoRA adapter's layers are plain
     modules inside `model`, so both take them as they are (DDP syncs only what learns: the adapter, not the base);
     checkpoints and OUT/model are written from `model` itself, never from the wrapper's renamed parameters."""
-    wrapped: torch.nn.Module = torch.compile(model) if settings.compile else model
+    wrapped: torch.nn.Module = model
+    if settings.compile:
+        # Batches come in a few padded shapes (`shapes`): one static graph for each, while the counts of images and
+        # supervised positions vary inside a shape as symbols (step.VARYING_SIZES). A shape may also come with no
+        # image or with one (sizes 0 and 1 are always specialised): hence the higher recompile limit. Packed
+        # batches vary in rows, so their shapes are left to dynamo. fullgraph: a graph break is an error, not a
+        # silent split; MoE routing has data-dependent shapes (tokens per expert), so there dynamo may split.
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, 3 * settings.length_buckets + 2)
+        wrapped = torch.compile(model, fullgraph=not cfg.model.lm.use_moe,
+                                dynamic=None if cfg.batching == "packed" else False)
     if info.enabled:
         # Batches without images leave the projector (and MoE experts) unused on some steps.
         unused = get_stage(cfg.stage).uses_images or cfg.model.lm.use_moe

@@ -49,7 +49,10 @@ class RunSettings:
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:N, mps."""
     compile: bool = False
-    """torch.compile the model (CUDA; the first steps are slow while it compiles)."""
+    """torch.compile the model (CUDA; the first steps are slow while it compiles), one graph per batch shape."""
+    length_buckets: int = 8
+    """With --compile: batches padded to one of this many widths (from the data's lengths) and to --batch-size
+    rows, so that an epoch compiles at most one graph per width."""
     num_workers: int | None = None
     """DataLoader worker processes (default: 4 on CUDA, 0 on CPU)."""
     feature_cache_dir: str | None = None

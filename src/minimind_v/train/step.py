@@ -73,9 +73,18 @@ def input_tokens(batch: Batch) -> int:
     return batch["input_ids"].numel()
 
 
+# Dimensions whose size changes from batch to batch within one padded shape: how many supervised positions,
+# image slots and images. torch.compile traces them as symbols, so they cost no new graph.
+VARYING_SIZES = ("supervised_index", "image_index", "pixel_values", "image_features")
+
+
 def to_device(batch: Batch, device: torch.device) -> Batch:
     # Pinned host memory (DataLoader pin_memory) lets these copies overlap with compute on CUDA.
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    for key in VARYING_SIZES:
+        if isinstance(moved.get(key), torch.Tensor):
+            torch._dynamo.maybe_mark_dynamic(moved[key], 0)
+    return moved
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
