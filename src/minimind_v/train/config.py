@@ -85,10 +85,11 @@ class TrainConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
-    batching: Literal["random", "grouped", "packed"] = field(default="random", metadata={"shortcuts": {
+    batching: Literal["random", "grouped", "packed"] = field(default="grouped", metadata={"shortcuts": {
         "packing": ("packed", "Pack several samples into each row of max_seq_len tokens (no padding)"),
         "group_by_length": ("grouped", "Batch samples of similar length together (less padding)")}})
-    """random: shuffled; grouped: similar lengths per batch (less padding); packed: samples packed into rows."""
+    """grouped: similar lengths per batch, batches in random order (little padding: every padded token is computed
+    for nothing); random: shuffled samples; packed: samples packed into rows."""
     dtype: Literal["auto", "fp32", "fp32-strict", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 elsewhere; fp32 on CUDA multiplies on TF32 tensor cores (fp32-strict: in
     full fp32); fp16 uses a gradient scaler."""
