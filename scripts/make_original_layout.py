@@ -30,6 +30,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from minimind_v.convert.upstream import upstream_name
 from minimind_v.data.images import ImagePreprocessor
 from minimind_v.model.llm import MiniMindLM
+from minimind_v.modeldir import write_preprocessor_config
 from minimind_v.presets import get_preset
 
 PROMPTS = ["Provide a brief description of the given image.\n<image>", "<image>\nDescribe this picture briefly.",
@@ -54,7 +55,7 @@ def write_vision(directory: Path, seed: int) -> None:
     """A randomly initialised CLIP ViT-B/16 (224 px, 16 px patches: 196 patch features of 768)."""
     torch.manual_seed(seed)
     CLIPVisionModel(CLIPVisionConfig(patch_size=16)).save_pretrained(directory)
-    ImagePreprocessor().save(directory)  # CLIP's own: shortest edge 224, centre crop, CLIP mean/std
+    write_preprocessor_config(directory, ImagePreprocessor().to_config())  # CLIP's own: shortest edge 224, centre crop, CLIP mean/std
 
 
 def write_data(dataset: Path, n: int, seed: int) -> None:
