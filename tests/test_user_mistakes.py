@@ -44,6 +44,18 @@ def test_train_checks_its_inputs_before_building_or_writing(tmp_path, tokenizer_
     assert not (tmp_path / "run").exists()  # refused before anything was built: no train.log, nothing half-made
 
 
+@pytest.mark.parametrize("flag, value, said", [("--length-buckets", "0", "--length-buckets 0: must be at least 1"),
+                                               ("--save-minutes", "-1", "--save-minutes -1.0 / --save-every 0")])
+def test_train_checks_its_run_settings_before_building_or_writing(tmp_path, tokenizer_dir, capsys, flag, value,
+                                                                  said):
+    data = write_dataset(SynthOptions(out=str(tmp_path / "d"), n=2))
+    argv = ["train", "--stage", "sft", "--preset", "tiny", "--from", "none", "--tokenizer", str(tokenizer_dir),
+            "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "1", flag, value]
+    assert cli.main(argv) == 2
+    one_line_error(capsys, said)
+    assert not (tmp_path / "run").exists()
+
+
 def test_export_onto_an_existing_file_is_one_line(tmp_path, tiny_model_dir, capsys):
     target = tmp_path / "taken"
     target.write_text("keep me")

@@ -67,6 +67,11 @@ def check_inputs(settings: RunSettings) -> None:
         require_tracker(kind)
     if settings.eval_every and not settings.val_data:
         raise UserError("--eval-every needs --val-data")
+    if settings.length_buckets < 1:
+        raise UserError(f"--length-buckets {settings.length_buckets}: must be at least 1")
+    if settings.save_minutes < 0 or settings.save_every < 0:
+        raise UserError(f"--save-minutes {settings.save_minutes} / --save-every {settings.save_every}: "
+                        "must not be negative (0: only at the end / by the clock)")
     data_file(settings.data)
     if settings.val_data:
         data_file(settings.val_data, "--val-data")
