@@ -204,3 +204,19 @@ def test_a_knob_a_checkpoint_predates_counts_as_its_default_on_resume():
     assert resume_conflicts(old, now) == []
     old["model"]["lm"]["qk_norm"] = True
     assert resume_conflicts(old, now) == ["model.lm.qk_norm: True -> False"]
+
+
+@pytest.mark.parametrize("dtype, tf32", [("fp32", True), ("fp32-strict", False), ("bf16", False)])
+def test_fp32_on_cuda_multiplies_on_tf32_unless_strict(dtype, tf32, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        precision = Precision.choose(dtype, torch.device("cuda"))  # choosing needs no GPU
+        assert precision.tf32 is tf32
+        precision.set_backends()
+        expected = "tf32" if tf32 else "ieee"
+        assert torch.backends.cuda.matmul.fp32_precision == expected
+        assert torch.backends.cudnn.conv.fp32_precision == expected
+        assert Precision.choose(dtype, torch.device("cpu")).tf32 is False  # nothing to set on the CPU
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
