@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import CLIPVisionConfig
 
 from minimind_v import bench, cli
+from minimind_v.data.batching import Collator, bucket_widths
 from minimind_v.model.llm import IGNORE_INDEX
 
 TINY = dict(preset="tiny", steps=1, warmup=0, batch_size=2, max_seq_len=160)
@@ -36,7 +38,10 @@ def test_the_two_loops_supervise_the_same_targets() -> None:
     s = bench.setup(bench.BenchOptions(stage="sft", **{**TINY, "max_seq_len": 400}))
     batch = s.batches[0]
     x, y, mask = bench.naive_inputs(batch, s.max_len, torch.device("cpu"))
-    ids, labels = bench.fast_inputs(batch, torch.device("cpu"), multiple=8)
+    lengths = np.array([len(x.input_ids) for x in batch.samples])
+    inputs = bench.fast_inputs(batch, Collator(0, widths=bucket_widths(lengths, 1)))  # one width, a multiple of 8
+    ids, labels = inputs["input_ids"], inputs["labels"]
+    assert torch.equal(inputs["image_features"], batch.features)
     assert ids.shape[1] % 8 == 0 and ids.shape[1] < x.shape[1]
     for row in range(len(batch.samples)):
         naive = {(t, int(y[row, t])) for t in range(y.shape[1]) if mask[row, t]}

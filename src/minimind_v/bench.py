@@ -9,7 +9,7 @@ weights, with the stage's trainable set (pretrain: the projector; sft: LLM + pro
 - fast: dynamic padding (each batch as long as its longest sample; right padding needs no
   attention mask under a causal model), image features taken from a cache built once before the
   clock starts (what data/feature_cache.py gives a real run), the LM head only at supervised
-  positions, fused AdamW and compiled decoder blocks on CUDA.
+  positions, fused AdamW, and on CUDA the model compiled as `train --compile` compiles it.
 
 Both compute the same objective, so their first-step losses agree (a check printed in the JSON).
 Generation is timed too, through the engine every chat, web and serve request goes through.
@@ -19,13 +19,12 @@ head where supervised); MFU divides them by the device's dense bf16 peak when it
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,6 +35,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from minimind_v.constants import IGNORE_INDEX
+from minimind_v.data.batching import Collator, bucket_widths
+from minimind_v.data.dataset import Sample as DataSample
 from minimind_v.data.images import ImagePreprocessor
 from minimind_v.devices import bf16_peak, device_name, now, peak_memory_mb, resolve_device
 from minimind_v.errors import UserError
@@ -45,7 +46,8 @@ from minimind_v.presets import get_preset
 from minimind_v.train import optim
 from minimind_v.train.config import TrainConfig, for_stage
 from minimind_v.train.freezing import apply_policy
-from minimind_v.train.run import build_optimizer
+from minimind_v.train.loop import model_inputs
+from minimind_v.train.run import build_optimizer, compile_model
 from minimind_v.train.stages import get_stage
 from minimind_v.train.step import Precision, apply_gradients, backward, supervised_tokens, train_step
 
@@ -73,7 +75,8 @@ class BenchOptions:
     max_seq_len: int | None = None
     """Length the naive loop pads to; default the stage's (pretrain 640, sft 1536)."""
     compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile the decoder blocks in fast mode; auto: on CUDA only (on 2 CPU cores it costs minutes)."""
+    """torch.compile the model in fast mode as `train --compile` does; auto: on CUDA only (on 2 CPU cores it
+    costs minutes)."""
     seed: int = 0
     """Seed of the weights and of the synthetic data."""
     generate: bool = True
@@ -229,18 +232,15 @@ def naive_loss(model: nn.Module, batch: Batch, max_len: int, device: torch.devic
     return (ce * mask).sum() / mask.sum(), out.aux_loss
 
 
-def fast_inputs(batch: Batch, device: torch.device, multiple: int) -> tuple[Tensor, Tensor]:
-    """Right-padded to the batch's longest sample (rounded up to `multiple`); padding is never supervised.
-    Right padding under a causal mask needs no attention mask (real tokens never see the pads), so
-    attention keeps SDPA's fused causal path."""
-    longest = max(len(s.input_ids) for s in batch.samples)
-    width = -(-longest // multiple) * multiple
-    ids = torch.zeros(len(batch.samples), width, dtype=torch.long)
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    for row, s in enumerate(batch.samples):
-        ids[row, :len(s.input_ids)] = torch.tensor(s.input_ids)
-        labels[row, :len(s.labels)] = torch.tensor(s.labels)
-    return ids.to(device), labels.to(device)
+def fast_inputs(batch: Batch, collate: Collator) -> dict[str, Tensor]:
+    """The trainer's host batch for these samples, from its Collator (right-padded to the longest row; for a
+    compiled model to a bucket width and full rows), the cached features beside it. Right padding under a
+    causal mask needs no attention mask (the step drops it), so attention keeps SDPA's fused causal path."""
+    samples = [DataSample(torch.tensor(s.input_ids), torch.tensor(s.labels), None, [], "bench")
+               for s in batch.samples]
+    inputs = model_inputs(collate(samples))
+    inputs["image_features"] = batch.features
+    return inputs
 
 
 def time_mode(mode: str, s: Setup, opts: BenchOptions) -> dict[str, Any]:
@@ -251,12 +251,17 @@ def time_mode(mode: str, s: Setup, opts: BenchOptions) -> dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    with _compiled_blocks(model, compiled):
-        if mode == "fast":
-            losses, seconds, cpu_seconds = _timed_fast(model, cfg, s.batches, opts.warmup, device,
-                                                       multiple=64 if compiled else 1)  # few shapes to compile
-        else:
-            losses, seconds, cpu_seconds = _timed_naive(model, cfg, s.batches, opts.warmup, s.max_len, device)
+    if mode == "fast":
+        # Compiled as the trainer compiles (train/run.compile_model), on the shapes its Collator gives then, with
+        # one width: the bench times the steady state, where every width of a real run is compiled already, and
+        # one width is compiled by the first warmup step.
+        lengths = np.array([len(x.input_ids) for b in s.batches for x in b.samples])
+        shapes = {"widths": bucket_widths(lengths, 1), "rows": opts.batch_size} if compiled else {}
+        step_model = compile_model(model, cfg.model.lm.use_moe, packed=False) if compiled else model
+        losses, seconds, cpu_seconds = _timed_fast(step_model, cfg, s.batches, opts.warmup, device,
+                                                   Collator(0, **shapes))
+    else:
+        losses, seconds, cpu_seconds = _timed_naive(model, cfg, s.batches, opts.warmup, s.max_len, device)
     timed = [x for b in s.batches[opts.warmup:] for x in b.samples]
     flops = sum(sample_flops(s.cfg, x, opts.stage) for x in timed)
     peak = bf16_peak(device)
@@ -275,7 +280,7 @@ def time_mode(mode: str, s: Setup, opts: BenchOptions) -> dict[str, Any]:
 
 
 def _timed_fast(model: nn.Module, cfg: TrainConfig, batches: list[Batch], warmup: int, device: torch.device,
-                multiple: int) -> tuple[list[float], float, float]:
+                collate: Collator) -> tuple[list[float], float, float]:
     """The trainer's own optimizer and step (train/step.py) on each batch, which takes host tensors as the
     trainer's loader gives them (the step prepares and moves them itself)."""
     optimizer = build_optimizer(model, cfg)
@@ -283,8 +288,7 @@ def _timed_fast(model: nn.Module, cfg: TrainConfig, batches: list[Batch], warmup
     precision.set_backends()
 
     def step(batch: Batch) -> float:
-        ids, labels = fast_inputs(batch, torch.device("cpu"), multiple)
-        inputs = {"input_ids": ids, "labels": labels, "image_features": batch.features}
+        inputs = fast_inputs(batch, collate)
         ce_sum, _ = train_step(model, [inputs], optimizer, precision, cfg.grad_clip, device)
         return float(ce_sum) / supervised_tokens(inputs)
 
@@ -318,20 +322,6 @@ def _timed(step: Callable[[Batch], float], batches: list[Batch], warmup: int,
             start, cpu_start = now(device), time.process_time()
         losses.append(step(batch))
     return losses, now(device) - start, time.process_time() - cpu_start
-
-
-@contextlib.contextmanager
-def _compiled_blocks(model: MiniMindVLM, enabled: bool) -> Iterator[None]:
-    """Decoder blocks compiled one by one (the shapes a block sees are clean; the VLM's scatter is not)."""
-    if not enabled:
-        yield
-        return
-    original = model.lm.layers
-    model.lm.layers = nn.ModuleList(torch.compile(block, dynamic=True) for block in original)
-    try:
-        yield
-    finally:
-        model.lm.layers = original
 
 
 def sample_flops(cfg: VLMConfig, sample: Sample, stage: str) -> float:

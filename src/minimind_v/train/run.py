@@ -214,21 +214,28 @@ def feature_cache(model: MiniMindVLM, preprocessor: Any, root: Path, datasets: l
     return cache
 
 
+def compile_model(model: torch.nn.Module, use_moe: bool, packed: bool,
+                  length_buckets: int = RunSettings.length_buckets) -> torch.nn.Module:
+    """torch.compile as `train --compile` (and bench's fast mode) runs it.
+
+    Batches come in a few padded shapes (`shapes`): one static graph for each, while the counts of images and
+    supervised positions vary inside a shape as symbols (step.VARYING_SIZES). A shape may also come with no image
+    or with one (sizes 0 and 1 are always specialised): hence the higher recompile limit. Packed batches vary in
+    rows, so their shapes are left to dynamo. fullgraph: a graph break is an error, not a silent split; MoE
+    routing has data-dependent shapes (tokens per expert), so there dynamo may split.
+    """
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, 3 * length_buckets + 2)
+    return torch.compile(model, fullgraph=not use_moe, dynamic=None if packed else False)
+
+
 def wrap(model: MiniMindVLM, cfg: TrainConfig, settings: RunSettings, info: DistInfo) -> torch.nn.Module:
     """The model the step calls: compiled on request, in DDP under torchrun. A LoRA adapter's layers are plain
     modules inside `model`, so both take them as they are (DDP syncs only what learns: the adapter, not the base);
     checkpoints and OUT/model are written from `model` itself, never from the wrapper's renamed parameters."""
     wrapped: torch.nn.Module = model
     if settings.compile:
-        # Batches come in a few padded shapes (`shapes`): one static graph for each, while the counts of images and
-        # supervised positions vary inside a shape as symbols (step.VARYING_SIZES). A shape may also come with no
-        # image or with one (sizes 0 and 1 are always specialised): hence the higher recompile limit. Packed
-        # batches vary in rows, so their shapes are left to dynamo. fullgraph: a graph break is an error, not a
-        # silent split; MoE routing has data-dependent shapes (tokens per expert), so there dynamo may split.
-        limit = torch._dynamo.config.recompile_limit
-        torch._dynamo.config.recompile_limit = max(limit, 3 * settings.length_buckets + 2)
-        wrapped = torch.compile(model, fullgraph=not cfg.model.lm.use_moe,
-                                dynamic=None if cfg.batching == "packed" else False)
+        wrapped = compile_model(model, cfg.model.lm.use_moe, cfg.batching == "packed", settings.length_buckets)
     if info.enabled:
         # Batches without images leave the projector (and MoE experts) unused on some steps.
         unused = get_stage(cfg.stage).uses_images or cfg.model.lm.use_moe
