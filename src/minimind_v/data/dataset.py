@@ -106,6 +106,15 @@ class DataSettings:
     seed: int = 0
     """Seeds those draws, with each record's line (train passes its --seed)."""
 
+    @classmethod
+    def for_training(cls, preprocessor: ImagePreprocessor | None, max_seq_len: int, decode_images: bool,
+                     augment: ChatAugmentation | None, seed: int, cache_dir: Path | None) -> "DataSettings":
+        """What `train` reads a data file with: images only where there is a preprocessor (none: the lm stage,
+        text only), decoded unless a feature cache supplies them; `augment` for training data only."""
+        return cls(max_seq_len=max_seq_len, decode_images=decode_images and preprocessor is not None,
+                   text_only=preprocessor is None, augment=augment or ChatAugmentation(), seed=seed,
+                   cache_dir=cache_dir)
+
 
 class VLMDataset(torch.utils.data.Dataset):
     """Good samples of a reader, in file order; `bad_upfront` lists those the up-front pass rejected."""

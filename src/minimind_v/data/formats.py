@@ -362,20 +362,25 @@ def _answer(value: Any, side: str, source: str) -> str:
     raise BadSample("bad_record", f"'{side}' must be a string or end with an assistant turn", source)
 
 
-class PreferenceReader:
-    """Preference pairs over any reader of records (jsonl, JSON array, parquet): `reader[i]` is a PreferenceRecord."""
+class ReaderView:
+    """A reader over another one, record for record: the same file, image folder, length and sources; a subclass
+    says what `view[i]` is."""
 
-    def __init__(self, records: Any) -> None:
-        self.records, self.path, self.images_dir = records, records.path, records.images_dir
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.path, self.images_dir = inner, inner.path, inner.images_dir
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.inner)
 
     def source(self, index: int) -> str:
-        return self.records.source(index)
+        return self.inner.source(index)
+
+
+class PreferenceReader(ReaderView):
+    """Preference pairs over any reader of records (jsonl, JSON array, parquet): `reader[i]` is a PreferenceRecord."""
 
     def __getitem__(self, index: int) -> PreferenceRecord:
-        return parse_preference(self.records.record(index), self.source(index))
+        return parse_preference(self.inner.record(index), self.source(index))
 
 
 def open_preferences(path: str | Path, images_dir: str | Path | None = None) -> PreferenceReader:

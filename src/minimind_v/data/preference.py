@@ -29,28 +29,20 @@ import torch
 from minimind_v.constants import IGNORE_INDEX
 from minimind_v.data.augment import ChatAugmentation
 from minimind_v.data.dataset import BadSampleTracker, DataSettings, Sample, VLMDataset
-from minimind_v.data.formats import BadSample, PreferenceReader, RawSample, open_preferences
+from minimind_v.data.formats import BadSample, PreferenceReader, RawSample, ReaderView, open_preferences
 from minimind_v.data.images import ImagePreprocessor
 from minimind_v.data.template import ImageTokens
 from minimind_v.errors import UserError
 
 
-class _Side:
-    """The pairs as training conversations: each prompt followed by one of its answers (a Reader)."""
+class _Side(ReaderView):
+    """The pairs as training conversations: each prompt followed by one of its answers (a Reader over a
+    PreferenceReader)."""
 
     side = ""
 
-    def __init__(self, pairs: PreferenceReader) -> None:
-        self.pairs, self.path, self.images_dir = pairs, pairs.path, pairs.images_dir
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def source(self, index: int) -> str:
-        return self.pairs.source(index)
-
     def __getitem__(self, index: int) -> RawSample:
-        pair = self.pairs[index]
+        pair = self.inner[index]
         answer = {"role": "assistant", "content": getattr(pair, self.side)}
         return RawSample([*pair.prompt, answer], pair.images, pair.source)
 
@@ -167,9 +159,7 @@ def open_pairs(path: str, images: str | None, tokenizer: Any, cfg: ImageTokens,
                augment: ChatAugmentation | None = None, seed: int = 0, cache_dir: Path | None = None
                ) -> PreferenceDataset:
     """A preference data set as training reads it (the arguments of train/build.py's `open_data`)."""
-    settings = DataSettings(max_seq_len=max_seq_len, decode_images=decode_images and preprocessor is not None,
-                            text_only=preprocessor is None, augment=augment or ChatAugmentation(), seed=seed,
-                            cache_dir=cache_dir)
+    settings = DataSettings.for_training(preprocessor, max_seq_len, decode_images, augment, seed, cache_dir)
     dataset = PreferenceDataset(open_preferences(path, images), tokenizer, cfg, preprocessor, settings)
     if len(dataset) == 0:
         raise UserError(f"--data {path}: no usable preference pair ({len(dataset.bad_upfront)} bad)")

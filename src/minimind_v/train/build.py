@@ -127,9 +127,7 @@ def open_data(path: str, images: str | None, tokenizer: Any, cfg: VLMConfig, pre
               seed: int = 0, cache_dir: Path | None = None) -> VLMDataset:
     """A data set as training reads it; `augment` (seeded by `seed`) for training data only, so validation
     scores the data as written; the up-front pass's encodings kept in `cache_dir`."""
-    settings = DataSettings(max_seq_len=max_seq_len, decode_images=decode_images and preprocessor is not None,
-                            text_only=preprocessor is None, augment=augment or ChatAugmentation(), seed=seed,
-                            cache_dir=cache_dir)
+    settings = DataSettings.for_training(preprocessor, max_seq_len, decode_images, augment, seed, cache_dir)
     dataset = VLMDataset(open_dataset(path, images), tokenizer, cfg, preprocessor, settings)
     if len(dataset) == 0:
         raise UserError(f"--data {path}: no usable sample ({len(dataset.bad_upfront)} bad)")
