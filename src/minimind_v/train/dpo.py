@@ -125,6 +125,8 @@ class DPOObjective:
     """DPO's loss per pair for train/step.py's `train_step`; the reward statistics of the training pairs since the
     last log line (a call in eval mode, as validation's, is not counted)."""
 
+    loss_name = "DPO loss per preference pair"
+
     def __init__(self, reference: Reference, beta: float, device: torch.device, sft_weight: float = 0.0) -> None:
         self.reference, self.beta, self.sft_weight = reference, beta, sft_weight
         self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # margin, chosen wins, log-probs c and r

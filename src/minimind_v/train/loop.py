@@ -321,7 +321,7 @@ class Loop:
         if self.metrics is not None:
             self.metrics.close()
             plot_loss(self.metrics.records, self.run.out / "loss.png",
-                      f"minimind-v {self.run.cfg.stage}: {self.run.out.name}")
+                      f"minimind-v {self.run.cfg.stage}: {self.run.out.name}", self.objective.loss_name)
 
 
 def validate(run: Run, objective: Objective = CROSS_ENTROPY) -> float:

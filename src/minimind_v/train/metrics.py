@@ -88,7 +88,7 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> None:
+def plot_loss(records: list[dict[str, Any]], path: Path, title: str, ylabel: str) -> None:
     """The loss curve (and validation points) as a PNG, written atomically."""
     import matplotlib
 
@@ -103,7 +103,7 @@ def plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> None:
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss", markersize=4)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy per supervised token")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     save_figure(fig, ax, path)
 

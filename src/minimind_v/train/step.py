@@ -136,6 +136,9 @@ def _forward(model: nn.Module, batch: Batch, precision: Precision):
 class Objective(Protocol):
     """What a step minimises: a mean over some units of each micro-batch, counted on the host."""
 
+    loss_name: str
+    """What the logged loss is, for the loss plot's axis."""
+
     def units(self, batch: Batch) -> int:
         """How many units (supervised tokens, preference pairs) the batch's loss is a mean over."""
 
@@ -148,6 +151,8 @@ class Objective(Protocol):
 
 class CrossEntropy:
     """The language-model objective of every stage but dpo: cross-entropy per supervised token."""
+
+    loss_name = "cross-entropy per supervised token"
 
     def units(self, batch: Batch) -> int:
         return supervised_tokens(batch)
