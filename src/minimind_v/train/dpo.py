@@ -39,7 +39,7 @@ from minimind_v.adapters import has_adapter, is_lora_weight
 from minimind_v.constants import IGNORE_INDEX
 from minimind_v.train import build, distributed
 from minimind_v.train.run import Run
-from minimind_v.train.step import Batch, Precision
+from minimind_v.train.step import Batch, Precision, supervised_index
 
 
 def answer_logps(model: Callable[..., Any], batch: Batch, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,9 +49,7 @@ def answer_logps(model: Callable[..., Any], batch: Batch, precision: Precision) 
     rows, width = labels.shape
     index = batch.get("supervised_index")
     if index is None:
-        supervised = torch.zeros_like(labels, dtype=torch.bool)
-        supervised[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-        index = supervised.flatten().nonzero().squeeze(1)
+        index = supervised_index(labels)
     with precision.autocast():
         out = model(**{k: v for k, v in batch.items() if k != "labels"})  # logits (R, T, V)
     logits = out.logits.flatten(0, 1).index_select(0, index).float()  # (N, V): where an answer token is predicted

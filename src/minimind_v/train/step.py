@@ -118,13 +118,19 @@ def host_prepared(batch: Batch, model: nn.Module) -> Batch:
     moe_sees_padding = lm_cfg.use_moe and lm_cfg.aux_loss_alpha > 0
     if mask is not None and not moe_sees_padding and bool((mask[:, 1:] <= mask[:, :-1]).all()):
         del out["attention_mask"]
-    supervised = torch.zeros_like(labels, dtype=torch.bool)
-    supervised[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # the model's shift: position t predicts token t+1
-    out["supervised_index"] = supervised.flatten().nonzero().squeeze(1)
+    out["supervised_index"] = supervised_index(labels)
     if isinstance(cfg, VLMConfig) and (batch.get("pixel_values") is not None or
                                        batch.get("image_features") is not None):
         out["image_index"] = (batch["input_ids"] == cfg.image_token_id).flatten().nonzero().squeeze(1)
     return out
+
+
+def supervised_index(labels: torch.Tensor) -> torch.Tensor:
+    """(N,) flat indices into (B*T) of the positions whose next token is supervised (the model's shift: position
+    t predicts token t+1)."""
+    supervised = torch.zeros_like(labels, dtype=torch.bool)
+    supervised[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return supervised.flatten().nonzero().squeeze(1)
 
 
 def _forward(model: nn.Module, batch: Batch, precision: Precision):
