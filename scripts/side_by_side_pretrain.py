@@ -59,15 +59,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from minimind_v.errors import UserError
+
 SCRIPTS = Path(__file__).resolve().parent
 UPSTREAM_FILES = ("trainer/train_pretrain_vlm.py", "trainer/trainer_utils.py", "model/model_vlm.py",
                   "model/model_minimind.py", "dataset/lm_dataset.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 CLIP_DIR = "model/vision_model/clip-vit-base-patch16"
-
-
-class UserError(Exception):
-    """A mistake in the arguments: one line, no traceback."""
 
 
 def parse_args() -> argparse.Namespace:
@@ -309,8 +307,9 @@ def main() -> None:
             work.mkdir(parents=True, exist_ok=True)
         if args.json and not Path(args.json).resolve().parent.is_dir():
             raise UserError(f"--json {args.json}: its folder does not exist")
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    except UserError as err:  # one line and exit 2, as the minimind-v commands say a user's mistake
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
     work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="mmv-side-by-side-"))
     try:
