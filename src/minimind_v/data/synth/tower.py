@@ -4,9 +4,9 @@ A tower trained only through a language model that is itself learning from scrat
 mixed signal (docs/experiments.md). ViT-B/16, the tower MiniMind-V uses, was itself first pretrained
 as a classifier (ImageNet-21k) before CLIP; this is that step at toy scale. Where a patch is a grid
 cell of the synthetic world, its labels are the cell's colour, shape, size and colour-shape pair
-(0: empty), read from the scene records of the training split; a linear head per label reads each
-patch's feature, and the heads are thrown away afterwards. The tower is then frozen, as CLIP is in the
-real recipe, and saved like any Hugging Face tower.
+(0: empty), read from the scene records of the training split, and the cell's row and column; a linear
+head per label reads each patch's feature, and the heads are thrown away afterwards. The tower is then
+frozen, as CLIP is in the real recipe, and saved like any Hugging Face tower.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from minimind_v.data.synth.world import CELL_LABELS, Scene, cell_labels, scene_from_record
+from minimind_v.data.synth.world import CELL_LABELS, GRID, Scene, cell_labels, scene_from_record
 from minimind_v.model.vision import VisionTower
 from minimind_v.train.optim import build_optimizer
 from minimind_v.train.step import Precision, apply_gradients, backward
@@ -113,10 +113,25 @@ def world_tower_data(data: Path, n: int, image_size: int) -> tuple[Tensor, Patch
     return torch.from_numpy(pixels), world_labels(scenes)
 
 
+PLACE_LABELS = ("row", "column")
+"""Where each patch's cell is, named for every patch, empty or not (1 + the row or column; 0 is never used)."""
+
+
 def world_labels(scenes: list[Scene]) -> PatchLabels:
-    """The synthetic world's labels (world.py CELL_LABELS) for these scenes, one image each."""
-    targets = torch.tensor([cell_labels(scene) for scene in scenes])
-    return PatchLabels(tuple(CELL_LABELS), tuple(1 + len(v) for v in CELL_LABELS.values()), targets)
+    """The synthetic world's labels for these scenes, one image each: what each cell holds (world.py CELL_LABELS)
+    and where it is (PLACE_LABELS).
+
+    The place labels make each patch's feature say its row and column outright. The questions that find an
+    object by its name ("where is the red circle?", "is it above the blue square?") read the place off the
+    patch they found; from the position embedding alone, which the content labels leave as it was drawn, the
+    language model learned that read last (docs/experiments.md, "The tower names each cell's place").
+    """
+    contents = torch.tensor([cell_labels(scene) for scene in scenes])
+    cells = torch.arange(GRID * GRID)
+    places = torch.stack([1 + cells // GRID, 1 + cells % GRID]).expand(len(scenes), -1, -1)
+    return PatchLabels(tuple(CELL_LABELS) + PLACE_LABELS,
+                       tuple(1 + len(v) for v in CELL_LABELS.values()) + (1 + GRID,) * len(PLACE_LABELS),
+                       torch.cat([contents, places], dim=1))
 
 
 def tower_patches(tower: VisionTower, pixels: Tensor) -> int:
