@@ -54,5 +54,6 @@ def test_every_patch_is_labelled_with_its_row_and_column_empty_or_not():
         assert labels.targets[image, row].tolist() == [1, 1, 1, 2, 2, 2, 3, 3, 3]
         assert labels.targets[image, column].tolist() == [1, 2, 3] * 3
     assert labels.classes[row] == labels.classes[column] == 4
+    assert world_labels([scene], places=False).names == tuple(synth.CELL_LABELS)
     color = labels.names.index("color")
     assert labels.targets[0, color].tolist() == [0, 0, 1, 0, 0, 0, 0, 3, 0] and not labels.targets[1, color].any()

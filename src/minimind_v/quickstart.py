@@ -59,6 +59,9 @@ class Recipe:
     """Decoder layers of the tiny language model (the preset has 4)."""
     tower_steps: int = 400
     """Steps of the tower's supervised pretraining (data/synth/tower.py); the tower is frozen afterwards."""
+    tower_places: bool = True
+    """The tower's pretraining also names each patch's row and column (tower.PLACE_LABELS), which the lookups by
+    name read off the patch they find."""
     batch_size: int = 32
     """Samples per step."""
     lr: float = 1.4e-3
@@ -179,7 +182,7 @@ def pretrain_world_tower(data: Path, recipe: Recipe, out: Path, seed: int) -> di
 
     vision = get_preset("tiny").vision
     torch.manual_seed(seed)
-    pixels, labels = world_tower_data(data, recipe.tower_samples, vision.image_size)
+    pixels, labels = world_tower_data(data, recipe.tower_samples, vision.image_size, recipe.tower_places)
     tower = VisionTower(vision)
     report = pretrain_tower(tower, pixels, labels, recipe.tower_steps, recipe.batch_size, seed=seed)
     save_tower(tower, out, vision.image_size)

@@ -98,7 +98,7 @@ def _held_out_accuracy(tower: VisionTower, heads: nn.ModuleList, pixels: Tensor,
     return accuracy
 
 
-def world_tower_data(data: Path, n: int, image_size: int) -> tuple[Tensor, PatchLabels]:
+def world_tower_data(data: Path, n: int, image_size: int, places: bool = True) -> tuple[Tensor, PatchLabels]:
     """The first `n` scenes of a synth jsonl file: their images preprocessed for a tower of `image_size` (read as
     the trainer reads them, wherever the file's image folder is) and their patch labels."""
     from minimind_v.data.formats import open_dataset
@@ -110,28 +110,30 @@ def world_tower_data(data: Path, n: int, image_size: int) -> tuple[Tensor, Patch
         scenes = [scene_from_record(json.loads(line)["scene"]) for line, _ in zip(f, range(count))]
     folder, preprocess = ImageFolder(reader.images_dir), ImagePreprocessor.for_image_size(image_size)
     pixels = np.stack([preprocess.array(load_image(folder.resolve(reader[i].images[0]))) for i in range(count)])
-    return torch.from_numpy(pixels), world_labels(scenes)
+    return torch.from_numpy(pixels), world_labels(scenes, places)
 
 
 PLACE_LABELS = ("row", "column")
 """Where each patch's cell is, named for every patch, empty or not (1 + the row or column; 0 is never used)."""
 
 
-def world_labels(scenes: list[Scene]) -> PatchLabels:
+def world_labels(scenes: list[Scene], places: bool = True) -> PatchLabels:
     """The synthetic world's labels for these scenes, one image each: what each cell holds (world.py CELL_LABELS)
-    and where it is (PLACE_LABELS).
+    and, with `places`, where it is (PLACE_LABELS).
 
     The place labels make each patch's feature say its row and column outright. The questions that find an
     object by its name ("where is the red circle?", "is it above the blue square?") read the place off the
-    patch they found; from the position embedding alone, which the content labels leave as it was drawn, the
+    patch they found; from the position embedding alone, trained only as far as it helps name the contents, the
     language model learned that read last (docs/experiments.md, "The tower names each cell's place").
     """
     contents = torch.tensor([cell_labels(scene) for scene in scenes])
+    content_classes = tuple(1 + len(v) for v in CELL_LABELS.values())
+    if not places:
+        return PatchLabels(tuple(CELL_LABELS), content_classes, contents)
     cells = torch.arange(GRID * GRID)
-    places = torch.stack([1 + cells // GRID, 1 + cells % GRID]).expand(len(scenes), -1, -1)
-    return PatchLabels(tuple(CELL_LABELS) + PLACE_LABELS,
-                       tuple(1 + len(v) for v in CELL_LABELS.values()) + (1 + GRID,) * len(PLACE_LABELS),
-                       torch.cat([contents, places], dim=1))
+    where = torch.stack([1 + cells // GRID, 1 + cells % GRID]).expand(len(scenes), -1, -1)
+    return PatchLabels(tuple(CELL_LABELS) + PLACE_LABELS, content_classes + (1 + GRID,) * len(PLACE_LABELS),
+                       torch.cat([contents, where], dim=1))
 
 
 def tower_patches(tower: VisionTower, pixels: Tensor) -> int:
