@@ -35,7 +35,7 @@ def test_quickstart_runs_end_to_end_and_writes_a_model(tmp_path, capsys):
     assert recipe.images_first and model.cfg.images_first
     summary = json.loads((out / "quickstart.json").read_text(encoding="utf-8"))
     assert summary["tower"]["steps"] == 5
-    assert set(summary["tower"]["held_out_accuracy"]) == {"color", "shape", "size", "color_shape", "row", "column"}
+    assert set(summary["tower"]["held_out_accuracy"]) == {"color", "shape", "size", "color_shape", "cell"}
     assert summary["training"]["name"] == "sft" and summary["training"]["steps"] >= 1
     assert 0 < summary["plan"]["shape"]["supervised"] < 1 and summary["plan"]["step_s"] > 0
     assert summary["eval"]["scored"] == 12 and summary["eval"]["by_type"]

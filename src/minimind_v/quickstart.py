@@ -60,8 +60,8 @@ class Recipe:
     tower_steps: int = 400
     """Steps of the tower's supervised pretraining (data/synth/tower.py); the tower is frozen afterwards."""
     tower_places: bool = True
-    """The tower's pretraining also names each patch's row and column (tower.PLACE_LABELS), which the lookups by
-    name read off the patch they find."""
+    """The tower's pretraining also names each patch's grid cell (tower.PLACE_LABELS), which the lookups by name
+    read off the patch they find."""
     batch_size: int = 32
     """Samples per step."""
     lr: float = 1.4e-3

@@ -4,7 +4,7 @@ A tower trained only through a language model that is itself learning from scrat
 mixed signal (docs/experiments.md). ViT-B/16, the tower MiniMind-V uses, was itself first pretrained
 as a classifier (ImageNet-21k) before CLIP; this is that step at toy scale. Where a patch is a grid
 cell of the synthetic world, its labels are the cell's colour, shape, size and colour-shape pair
-(0: empty), read from the scene records of the training split, and the cell's row and column; a linear
+(0: empty), read from the scene records of the training split, and which cell it is; a linear
 head per label reads each patch's feature, and the heads are thrown away afterwards. The tower is then
 frozen, as CLIP is in the real recipe, and saved like any Hugging Face tower.
 """
@@ -113,26 +113,29 @@ def world_tower_data(data: Path, n: int, image_size: int, places: bool = True) -
     return torch.from_numpy(pixels), world_labels(scenes, places)
 
 
-PLACE_LABELS = ("row", "column")
-"""Where each patch's cell is, named for every patch, empty or not (1 + the row or column; 0 is never used)."""
+PLACE_LABELS = ("cell",)
+"""Where each patch is: its grid cell in reading order (1 + the index; 0 is never used), named for every patch,
+empty or not."""
 
 
 def world_labels(scenes: list[Scene], places: bool = True) -> PatchLabels:
     """The synthetic world's labels for these scenes, one image each: what each cell holds (world.py CELL_LABELS)
-    and, with `places`, where it is (PLACE_LABELS).
+    and, with `places`, which cell it is (PLACE_LABELS).
 
-    The place labels make each patch's feature say its row and column outright. The questions that find an
-    object by its name ("where is the red circle?", "is it above the blue square?") read the place off the
-    patch they found; from the position embedding alone, trained only as far as it helps name the contents, the
-    language model learned that read last (docs/experiments.md, "The tower names each cell's place").
+    The place label makes each patch's feature say which cell it is outright. The questions that find an object
+    by its name ("where is the red circle?", "is it above the blue square?") read the place off the patch they
+    found; from the position embedding alone, trained only as far as it helps name the contents, the language
+    model learned that read last. One label for the cell rather than one for its row and one for its column: a
+    row and a column feature per patch let the question "what colour is the object at the top left?" match the
+    whole top row and left column half as well as the cell itself, and the colour answers blurred (67% after a
+    whole quickstart; docs/experiments.md, "The tower names each cell's place").
     """
     contents = torch.tensor([cell_labels(scene) for scene in scenes])
     content_classes = tuple(1 + len(v) for v in CELL_LABELS.values())
     if not places:
         return PatchLabels(tuple(CELL_LABELS), content_classes, contents)
-    cells = torch.arange(GRID * GRID)
-    where = torch.stack([1 + cells // GRID, 1 + cells % GRID]).expand(len(scenes), -1, -1)
-    return PatchLabels(tuple(CELL_LABELS) + PLACE_LABELS, content_classes + (1 + GRID,) * len(PLACE_LABELS),
+    where = (1 + torch.arange(GRID * GRID)).expand(len(scenes), 1, GRID * GRID)
+    return PatchLabels(tuple(CELL_LABELS) + PLACE_LABELS, content_classes + (1 + GRID * GRID,),
                        torch.cat([contents, where], dim=1))
 
 
