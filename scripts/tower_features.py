@@ -9,13 +9,14 @@ lie once that mean is taken away. docs/experiments.md ("The tower names each cel
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
 import torch
 
 from minimind_v.data.synth.tower import world_tower_data
+from minimind_v.errors import UserError
 from minimind_v.model.vision import VisionTower
 from minimind_v.presets import get_preset
 
@@ -38,5 +39,9 @@ def report(run: Path, n: int = 1000) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
-        print(arg, report(Path(arg)))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="quickstart OUT directories (their vision/ and data/qa/)")
+    for run in parser.parse_args().runs:
+        if not (run / "vision").is_dir() or not (run / "data" / "qa" / "train.jsonl").is_file():
+            parser.exit(2, f"error: {UserError(f'{run}: not a quickstart OUT (needs vision/ and data/qa/train.jsonl)')}\n")
+        print(run, report(run))

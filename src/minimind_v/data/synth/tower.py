@@ -125,10 +125,9 @@ def world_labels(scenes: list[Scene], places: bool = True) -> PatchLabels:
     The place label makes each patch's feature say which cell it is outright. The questions that find an object
     by its name ("where is the red circle?", "is it above the blue square?") read the place off the patch they
     found; from the position embedding alone, trained only as far as it helps name the contents, the language
-    model learned that read last. One label for the cell rather than one for its row and one for its column: a
-    row and a column feature per patch let the question "what colour is the object at the top left?" match the
-    whole top row and left column half as well as the cell itself, and the colour answers blurred (67% after a
-    whole quickstart; docs/experiments.md, "The tower names each cell's place").
+    model learned that read last. One label for the cell rather than one for its row and one for its column: with
+    a row and a column feature, "the object at the top left" also half-matches the rest of its row and column,
+    and what is read off the attended patches blurs (docs/experiments.md, "The tower names each cell's place").
     """
     contents = torch.tensor([cell_labels(scene) for scene in scenes])
     content_classes = tuple(1 + len(v) for v in CELL_LABELS.values())
