@@ -84,6 +84,28 @@ def test_template_words_get_their_own_tokens(tmp_path):
         assert len(tok(text, add_special_tokens=False).input_ids) <= most, text
 
 
+def test_words_are_the_same_tokens_in_every_sentence(tmp_path):
+    # Chinese has no spaces: trained on these sentences alone, BPE merges "色" into the shape ("色圆形") in the
+    # descriptions and leaves "圆形" apart in the shape answers, so one shape has two spellings.
+    from minimind_v.data.synth.language import lexicon
+    from minimind_v.data.tokenizer import save_tokenizer, train_tokenizer
+
+    texts = ["user\n左上：大红色圆形；中间：小蓝色圆形。", "user\n左上：圆形", "user\n红色圆形在哪里？"]
+
+    def spell(words, name):
+        save_tokenizer(train_tokenizer(iter(texts * 50), 300, words), tmp_path / name)
+        tok = load_tokenizer(tmp_path / name)
+        ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+        assert [tok.decode(i) for i in ids] == texts
+        return tok.convert_ids_to_tokens(tok("圆形", add_special_tokens=False).input_ids), \
+            [tok.convert_ids_to_tokens(i) for i in ids]
+
+    for words, name in (([], "plain"), (lexicon("zh"), "whole")):
+        shape, pieces = spell(words, name)
+        same = len(shape) == 1 and [p.count(shape[0]) for p in pieces] == [2, 1, 1]
+        assert same == (name == "whole"), (name, shape, pieces)
+
+
 def test_errors_name_the_path(tmp_path):
     with pytest.raises(UserError, match="no tokenizer.json"):
         load_tokenizer(tmp_path)

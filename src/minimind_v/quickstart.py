@@ -55,6 +55,10 @@ class Recipe:
     """Held-out QA samples evaluated at each checkpoint for the accuracy-against-minutes curve."""
     vocab_size: int = 600
     """BPE vocabulary of the world's tokenizer."""
+    whole_words: bool = True
+    """The world's tokenizer keeps each Chinese word of the answers whole (data.tokenizer.train_tokenizer's
+    `words`), so that a shape or a colour is one token wherever it appears: merged across words, a Chinese shape
+    was one token in a description and another in a shape answer, and the descriptions learned it apart."""
     layers: int = 2
     """Decoder layers of the tiny language model (the preset has 4)."""
     tower_steps: int = 400
@@ -157,10 +161,12 @@ def write_world(out: Path, seed: int, recipe: Recipe, scale: float) -> dict[str,
     }
 
 
-def train_world_tokenizer(corpus: list[Path], vocab_size: int, out: Path) -> Any:
+def train_world_tokenizer(corpus: list[Path], vocab_size: int, out: Path, whole_words: bool = True) -> Any:
+    from minimind_v.data.synth.language import lexicon
     from minimind_v.data.tokenizer import corpus_texts, save_tokenizer, train_tokenizer
 
-    tokenizer = train_tokenizer(corpus_texts([str(p) for p in corpus]), vocab_size)
+    words = lexicon("zh") if whole_words else []
+    tokenizer = train_tokenizer(corpus_texts([str(p) for p in corpus]), vocab_size, words)
     save_tokenizer(tokenizer, out)
     return tokenizer
 
@@ -273,7 +279,7 @@ def _run(opts: QuickstartOptions) -> int:
     with clock.phase("synthetic world"):
         data = write_world(out, opts.seed, recipe, opts.scale)
     with clock.phase("tokenizer"):
-        tokenizer = train_world_tokenizer([data["qa"]], recipe.vocab_size, out / "tokenizer")
+        tokenizer = train_world_tokenizer([data["qa"]], recipe.vocab_size, out / "tokenizer", recipe.whole_words)
     with clock.phase("vision tower"):
         tower = pretrain_world_tower(data["qa"], recipe, out, opts.seed)
     start = resolve_start("none", "tiny", str(out / "tokenizer"), str(out / VISION_DIR))

@@ -9,7 +9,8 @@ default "You are a helpful assistant" system turn.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,14 @@ def corpus_texts(paths: list[str]) -> Iterator[str]:
             yield from (f"{turn['role']}\n{turn['content'].replace(IMAGE_MARKER, '')}" for turn in turns)
 
 
-def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Any:
-    """Byte-level BPE over `texts` -> a transformers PreTrainedTokenizerFast with the ChatML template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(texts: Iterator[str], vocab_size: int, words: Sequence[str] = ()) -> Any:
+    """Byte-level BPE over `texts` -> a transformers PreTrainedTokenizerFast with the ChatML template.
+
+    `words` (Chinese, for instance) are split off their neighbours before BPE, so no merge crosses them. Chinese
+    has no spaces: without it BPE merges across words ("色圆形", "色圆形吗"), and one word becomes different tokens
+    in different sentences, which a small model must then learn apart. The quickstart passes its world's words.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     minimum = len(SPECIAL_TOKENS) + 256
@@ -74,6 +80,11 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Any:
         raise UserError(f"--vocab-size {vocab_size}: must be at least {minimum} (special tokens + 256 bytes)")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if words:
+        # Longest first: the regex takes the first alternative that matches.
+        lexicon = "|".join(re.escape(w) for w in sorted(set(words), key=len, reverse=True))
+        bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(lexicon), behavior="isolated"),
+                                                     bpe.pre_tokenizer])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

@@ -73,6 +73,11 @@ TWO_IMAGES: dict[str, dict[str, str]] = {
 }
 
 
+def lexicon(lang: str) -> list[str]:
+    """The words answers are built from: colours, shapes, sizes, yes/no, cells, rows and columns."""
+    return [*WORDS[lang].values(), *POSITIONS[lang], *LINES[lang]["col"], *LINES[lang]["row"]]
+
+
 def phrase(words: list[str], lang: str) -> str:
     """World words ("small", "red", "circle") in `lang`: spaced in English, run together in Chinese."""
     return ("" if lang == "zh" else " ").join(WORDS[lang][word] for word in words)
