@@ -90,20 +90,24 @@ def test_words_are_the_same_tokens_in_every_sentence(tmp_path):
     from minimind_v.data.synth.language import lexicon
     from minimind_v.data.tokenizer import save_tokenizer, train_tokenizer
 
-    texts = ["user\n左上：大红色圆形；中间：小蓝色圆形。", "user\n左上：圆形", "user\n红色圆形在哪里？"]
+    texts = ["左上：大红色圆形；中间：小蓝色圆形。", "左上：圆形", "红色圆形在哪里？"]
 
-    def spell(words, name):
-        save_tokenizer(train_tokenizer(iter(texts * 50), 300, words), tmp_path / name)
-        tok = load_tokenizer(tmp_path / name)
+    def one_spelling(directory):
+        tok = load_tokenizer(directory)
         ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
         assert [tok.decode(i) for i in ids] == texts
-        return tok.convert_ids_to_tokens(tok("圆形", add_special_tokens=False).input_ids), \
-            [tok.convert_ids_to_tokens(i) for i in ids]
+        shape = tok("圆形", add_special_tokens=False).input_ids
+        return len(shape) == 1 and [i.count(shape[0]) for i in ids] == [2, 1, 1]
 
     for words, name in (([], "plain"), (lexicon("zh"), "whole")):
-        shape, pieces = spell(words, name)
-        same = len(shape) == 1 and [p.count(shape[0]) for p in pieces] == [2, 1, 1]
-        assert same == (name == "whole"), (name, shape, pieces)
+        save_tokenizer(train_tokenizer(iter(texts * 50), 300, words), tmp_path / name)
+        assert one_spelling(tmp_path / name) == (name == "whole"), name
+    corpus = tmp_path / "world.txt"
+    corpus.write_text("\n".join(texts * 50) + "\n", encoding="utf-8")
+    for flag in ([], ["--world-words"]):
+        out = tmp_path / f"cli{len(flag)}"
+        assert cli.main(["tokenizer", "--corpus", str(corpus), "--vocab-size", "300", *flag, "--out", str(out)]) == 0
+        assert one_spelling(out) == bool(flag), flag
 
 
 def test_errors_name_the_path(tmp_path):

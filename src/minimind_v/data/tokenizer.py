@@ -31,6 +31,9 @@ class TokenizerOptions:
     """Directory to write tokenizer.json and tokenizer_config.json to."""
     vocab_size: int = 6400
     """Tokens in the vocabulary, the 4 special tokens and the 256 byte tokens included."""
+    world_words: bool = False
+    """Keep each Chinese word of the synthetic world's answers whole, as the quickstart's tokenizer does (see
+    train_tokenizer's `words`)."""
 
 
 def corpus_texts(paths: list[str]) -> Iterator[str]:
@@ -126,7 +129,9 @@ def load_tokenizer(path: str | Path) -> Any:
 
 
 def main(opts: TokenizerOptions) -> int:
-    tokenizer = train_tokenizer(corpus_texts(opts.corpus), opts.vocab_size)
+    from minimind_v.data.synth.language import lexicon
+
+    tokenizer = train_tokenizer(corpus_texts(opts.corpus), opts.vocab_size, lexicon("zh") if opts.world_words else ())
     save_tokenizer(tokenizer, opts.out)
     print(f"wrote {opts.out}: {len(tokenizer)} tokens")
     return 0
