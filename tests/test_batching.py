@@ -142,3 +142,27 @@ def test_the_count_of_an_epoch_equals_its_plan(mode, drop_last):
                                         group_factor=5).batches(e)) for e in range(3)]
         if drop_last and mode != "packed":
             assert all(len(b) == batch_size for b in plan.batches(0))
+
+
+@pytest.mark.parametrize("mode", ["random", "grouped"])
+def test_batches_by_a_token_budget(mode):
+    lengths = np.random.default_rng(4).integers(5, 200, 701)
+    lengths[17] = 900  # longer than the budget: a batch of its own
+    widths = (64, 128, 256, 1024)
+    for bucketed in ((), widths):
+        plan = BatchPlan(lengths, 32, mode, seed=5, tokens=600, widths=bucketed)
+        batches = plan.batches(0)
+        assert sorted(i for b in batches for i in b) == list(range(701)) and plan.count(0) == len(batches)
+        assert batches == BatchPlan(lengths, 32, mode, seed=5, tokens=600, widths=bucketed).batches(0)
+
+        def padded(b):
+            longest = int(lengths[b].max())
+            return next((w for w in bucketed if w >= longest), longest)
+        assert all(len(b) * padded(b) <= 600 or len(b) == 1 for b in batches)
+        assert [17] in batches and max(len(b) for b in batches) <= 32
+    if mode == "grouped":  # short samples come many to a batch, long ones few; the budget is mostly used
+        sizes = {len(b) for b in batches}
+        assert min(sizes) < 4 and max(sizes) > 8
+        assert np.mean([len(b) * padded(b) for b in batches]) > 0.6 * 600
+    with pytest.raises(ValueError, match="own budget"):
+        BatchPlan(lengths, 8, "packed", 128, tokens=600)

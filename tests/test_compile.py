@@ -58,7 +58,8 @@ class CountingBackend:
         return gm.forward
 
 
-def compiled_epoch(collate: Collator, data: list[Sample], batch_size: int) -> tuple[int, set, list[float]]:
+def compiled_epoch(collate: Collator, data: list[Sample], batch_size: int,
+                   tokens: int | None = None) -> tuple[int, set, list[float]]:
     """(graphs compiled, batch shapes seen, losses) over one grouped epoch of train_step on a tiny VLM compiled as
     the trainer compiles it (train/run.wrap: fullgraph, static shapes)."""
     torch._dynamo.reset()
@@ -67,7 +68,8 @@ def compiled_epoch(collate: Collator, data: list[Sample], batch_size: int) -> tu
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     precision = Precision.choose("fp32", torch.device("cpu"))
-    plan = BatchPlan(np.array([len(s.input_ids) for s in data]), batch_size, "grouped", seed=0, group_factor=2)
+    plan = BatchPlan(np.array([len(s.input_ids) for s in data]), batch_size, "grouped", seed=0, group_factor=2,
+                     tokens=tokens, widths=collate.widths)
     shapes, losses = set(), []
     for indices in plan.batches(0):
         batch = model_inputs(collate([data[i] for i in indices]))
@@ -89,6 +91,22 @@ def test_an_epoch_compiles_at_most_one_graph_per_width():
     with torch._dynamo.config.patch(recompile_limit=64):
         loose_graphs, loose_shapes, _ = compiled_epoch(Collator(PAD), data, batch_size=4)
     assert loose_graphs == len(loose_shapes) > len(widths)
+
+
+def test_batches_by_a_token_budget_compile_one_graph_per_width():
+    data = samples(40)
+    widths = bucket_widths(np.array([len(s.input_ids) for s in data]), 3)
+    tokens = 3 * widths[-1]  # 3 rows of the widest, more of the narrower (at most 6)
+    collate = Collator(PAD, widths=widths, rows=6, tokens=tokens)
+    graphs, shapes, _ = compiled_epoch(collate, data, 6, tokens)
+    assert all(rows == min(6, tokens // width) for rows, width in shapes), shapes
+    assert len({rows for rows, _ in shapes}) > 1 and len(shapes) <= len(widths)
+    # A width's row count is fixed; the images fed in are the samples' (the tail of a length group holds fewer).
+    plan = BatchPlan(np.array([len(s.input_ids) for s in data]), 6, "grouped", seed=0, group_factor=2, tokens=tokens,
+                     widths=widths)
+    inputs = {(tuple(b["input_ids"].shape), b["pixel_values"].shape[0])
+              for b in (collate([data[i] for i in indices]) for indices in plan.batches(0))}
+    assert len(shapes) <= graphs <= len(inputs)
 
 
 def test_padding_to_a_width_and_to_full_rows_changes_no_loss():

@@ -130,6 +130,17 @@ def test_too_many_bad_samples_stop_with_exit_2(world, tokenizer_dir, tmp_path, c
     assert "bad.jsonl:19" in last and "Traceback" not in err
 
 
+def test_batches_by_a_token_budget(world, tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "budget"
+    assert train(*lm_args(world, tokenizer_dir, out, "--tokens-per-step", "700", "--batch-size", "16",
+                          "--max-steps", "3")) == 0
+    assert "700 padded tokens (at most 16 samples per micro-batch)" in (out / "train.log").read_text()
+    assert len(losses(out)) == 3
+    code = train(*lm_args(world, tokenizer_dir, tmp_path / "p", "--tokens-per-step", "700", "--packing"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: --tokens-per-step: packed batches are already budgeted")
+
+
 def test_sigkill_after_checkpoint_then_resume_is_bit_identical(world, tokenizer_dir, tmp_path):
     args = ["--batch-size", "2", "--max-steps", "40", "--save-every", "4", "--set", "model.lm.dropout=0.2"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"

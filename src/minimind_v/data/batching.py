@@ -6,11 +6,13 @@
   `position_ids` restart at 0 for every sample, and the first token of each sample gets no label, so
   the loss of a packed batch equals the token-mean over the same samples unpacked.
 - `Collator(pad_id, widths=W, rows=R)`: for a compiled model, a handful of shapes: each batch right-padded to
-  the narrowest of the widths W (`bucket_widths`) that holds it, and to R rows with empty rows (no labels).
+  the narrowest of the widths W (`bucket_widths`) that holds it, and to R rows with empty rows (no labels);
+  with a token budget T, to min(R, T // width) rows.
 - `BatchPlan`: which sample indices form each batch of an epoch, a function of (seed, epoch) only
   (a DataLoader takes an epoch's list as its batch_sampler):
   "random" (shuffled), "grouped" (shuffled, then sorted by length within mega-batches, so a batch
-  holds similar lengths) or "packed" (as many samples as fill `batch_size` rows of max_seq_len).
+  holds similar lengths) or "packed" (as many samples as fill `batch_size` rows of max_seq_len); with
+  `tokens`, random and grouped batches hold as many samples as fit that many padded tokens.
 
 A collated batch is a dict: input_ids, labels, attention_mask (padded) or segment_ids (packed),
 position_ids, pixel_values ((N_images, 3, H, W) in placeholder order, row by row, or None),
@@ -84,10 +86,12 @@ class Collator:
     """Picklable collate_fn for DataLoader workers: drops BadSamples (returning them) and builds the batch."""
 
     def __init__(self, pad_id: int, pack_len: int | None = None, widths: tuple[int, ...] = (),
-                 rows: int | None = None) -> None:
+                 rows: int | None = None, tokens: int | None = None) -> None:
         """widths: pad each batch to the narrowest that holds it (wider batches: to their longest row);
-        rows: add empty rows (padding, no labels) up to this many."""
+        rows: add empty rows (padding, no labels) up to this many; tokens: batches planned by a token budget
+        (BatchPlan's): up to min(rows, tokens // width) rows, so that each width has one shape."""
         self.pad_id, self.pack_len, self.widths, self.rows = pad_id, pack_len, tuple(sorted(widths)), rows
+        self.tokens = tokens
 
     def __call__(self, items: list[Sample | BadSample]) -> dict[str, Any]:
         samples = [s for s in items if isinstance(s, Sample)]
@@ -110,7 +114,10 @@ class Collator:
     def _rows(self, rows: list[list[Sample]]) -> dict[str, torch.Tensor]:
         width = max(sum(len(s.input_ids) for s in row) for row in rows)
         width = next((w for w in self.widths if w >= width), width)
-        shape = (max(len(rows), self.rows or 0), width)
+        target = self.rows or 0
+        if target and self.tokens is not None:
+            target = min(target, max(1, self.tokens // width))
+        shape = (max(len(rows), target), width)
         input_ids = torch.full(shape, self.pad_id, dtype=torch.long)
         labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
         segment_ids = torch.zeros(shape, dtype=torch.long)
@@ -138,11 +145,17 @@ class BatchPlan:
 
     def __init__(self, lengths: np.ndarray, batch_size: int, mode: Literal["random", "grouped", "packed"] = "random",
                  max_seq_len: int | None = None, seed: int = 0, drop_last: bool = False,
-                 group_factor: int = 50) -> None:
+                 group_factor: int = 50, tokens: int | None = None, widths: tuple[int, ...] = ()) -> None:
+        """tokens: a token budget per batch instead of a fixed size: each batch holds as many samples (at most
+        batch_size) as fit in `tokens` once padded, rows x the padded width (a sample longer than the budget is a
+        batch of its own); widths: the padded widths the collator pads to (Collator's), else the longest row."""
         if mode == "packed" and max_seq_len is None:
             raise ValueError("packed batches need max_seq_len")
+        if mode == "packed" and tokens is not None:
+            raise ValueError("packed batches have their own budget: batch_size rows of max_seq_len")
         self.lengths, self.batch_size, self.mode = np.asarray(lengths), batch_size, mode
         self.max_seq_len, self.seed, self.drop_last, self.group_factor = max_seq_len, seed, drop_last, group_factor
+        self.tokens, self.widths = tokens, tuple(sorted(widths))
         self._planned: tuple[int, list[list[int]]] | None = None
 
     def batches(self, epoch: int) -> list[list[int]]:
@@ -154,7 +167,7 @@ class BatchPlan:
         """How many batches epoch `epoch` has: arithmetic for random and grouped batches; a packed epoch is packed
         to know (and kept, so the epoch the run starts with is planned once)."""
         n = len(self.lengths)
-        if self.mode == "packed":
+        if self.mode == "packed" or self.tokens is not None:
             return len(self.batches(epoch))
         if self.mode == "random":
             full, tail = divmod(n, self.batch_size)
@@ -169,12 +182,12 @@ class BatchPlan:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.lengths))
         if self.mode == "random":
-            batches = [order[i:i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+            batches = self._cut(order)
         elif self.mode == "grouped":
             batches = self._grouped(order, rng)
         else:
             batches = self._packed(order, rng)
-        if self.drop_last and self.mode != "packed":  # the one short batch, wherever grouping put it
+        if self.drop_last and self.mode != "packed" and self.tokens is None:  # the one short batch, wherever it is
             batches = [b for b in batches if len(b) == self.batch_size]
         return batches
 
@@ -183,9 +196,27 @@ class BatchPlan:
         batches = []
         for i in range(0, len(order), mega):
             chunk = order[i:i + mega]
-            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-            batches += [chunk[j:j + self.batch_size].tolist() for j in range(0, len(chunk), self.batch_size)]
+            batches += self._cut(chunk[np.argsort(-self.lengths[chunk], kind="stable")])
         return [batches[k] for k in rng.permutation(len(batches))]
+
+    def _cut(self, order: np.ndarray) -> list[list[int]]:
+        """`order` cut into consecutive batches: batch_size each, or as many as fit the token budget."""
+        if self.tokens is None:
+            return [order[i:i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        batches: list[list[int]] = []
+        batch: list[int] = []
+        widest = 0
+        for i in order.tolist():
+            width = self._padded(max(widest, int(self.lengths[i])))
+            if batch and (len(batch) == self.batch_size or (len(batch) + 1) * width > self.tokens):
+                batches.append(batch)
+                batch, width = [], self._padded(int(self.lengths[i]))
+            batch.append(i)
+            widest = width
+        return batches + ([batch] if batch else [])
+
+    def _padded(self, length: int) -> int:
+        return next((w for w in self.widths if w >= length), length)
 
     def _packed(self, order: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
         """Bins from first-fit decreasing over windows of the shuffled order, batch_size bins per batch."""

@@ -54,7 +54,12 @@ class TrainConfig:
     lr: float | None = None
     """Peak learning rate (default: the stage's)."""
     batch_size: int | None = None
-    """Samples per micro-batch per process (default: the stage's)."""
+    """Samples per micro-batch per process (default: the stage's); with --tokens-per-step, the most a batch holds."""
+    tokens_per_step: int | None = None
+    """Batches by a token budget instead of a sample count: each process's micro-batches hold as many
+    length-grouped samples as fit this many tokens per optimizer step once padded (rows x padded width, split
+    evenly over --accumulation-steps). Short samples then come in bigger batches and long ones in smaller, so
+    every step does about the same work. Not with --packing (its rows are the budget)."""
     max_seq_len: int | None = None
     """Longest sample in tokens; longer ones lose trailing turns or are skipped (default: the stage's)."""
     epochs: int | None = None
@@ -151,6 +156,12 @@ def check(cfg: TrainConfig) -> None:
             raise UserError(f"{flag_name(name)} {value}: must be at least 1")
     if cfg.max_minutes is not None and cfg.max_minutes <= 0:
         raise UserError(f"--max-minutes {cfg.max_minutes}: must be positive")
+    if cfg.tokens_per_step is not None:
+        if cfg.tokens_per_step < cfg.accumulation_steps:
+            raise UserError(f"--tokens-per-step {cfg.tokens_per_step}: must be at least 1 per accumulation step")
+        if cfg.batching == "packed":
+            raise UserError("--tokens-per-step: packed batches are already budgeted (batch_size rows of "
+                            "max_seq_len); use --batching grouped or random")
     if cfg.lr is not None and cfg.lr < 0:
         raise UserError(f"--lr {cfg.lr}: must not be negative")
     if not 0 <= cfg.max_bad_fraction <= 1:

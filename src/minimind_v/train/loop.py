@@ -173,7 +173,10 @@ class Loop:
                             f"{info.world_size * cfg.accumulation_steps} batches of {cfg.batch_size}")
         self.schedule = Schedule(total, warmup_steps(cfg, total), state.step, time.perf_counter())
         say(f"steps: {state.step} done, {total} in all; warmup {self.schedule.warmup}; "
-            f"{cfg.batch_size} x {info.world_size} x {cfg.accumulation_steps} samples per step")
+            + (f"{cfg.batch_size} x {info.world_size} x {cfg.accumulation_steps} samples per step"
+               if cfg.tokens_per_step is None else
+               f"{cfg.tokens_per_step} padded tokens (at most {cfg.batch_size} samples per micro-batch) x "
+               f"{info.world_size} processes per step"))
         self.metrics = None
         if info.is_main:
             trackers = [Tracker(kind, run.out, cfg.to_dict()) for kind in run.settings.log_to]

@@ -135,7 +135,14 @@ def shapes(dataset: VLMDataset, cfg: TrainConfig, settings: RunSettings) -> dict
         return {"widths": (cfg.max_seq_len,)}
     widths = bucket_widths(dataset.lengths, settings.length_buckets)
     # A DPO batch's rows are its pairs' chosen then rejected answers; rows added after them would pair with nothing.
-    return {"widths": widths} if cfg.stage == "dpo" else {"widths": widths, "rows": cfg.batch_size}
+    if cfg.stage == "dpo":
+        return {"widths": widths}
+    return {"widths": widths, "rows": cfg.batch_size, "tokens": batch_tokens(cfg)}
+
+
+def batch_tokens(cfg: TrainConfig) -> int | None:
+    """One micro-batch's share of --tokens-per-step."""
+    return None if cfg.tokens_per_step is None else cfg.tokens_per_step // cfg.accumulation_steps
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -172,7 +179,8 @@ def open_data(cfg: TrainConfig, start: build.Start, settings: RunSettings, info:
     if val is not None:
         say(f"validation: {len(val)} usable samples ({len(val.bad_upfront)} bad) in {settings.val_data}")
     pack_len = cfg.max_seq_len if cfg.batching == "packed" else None
-    collate: Any = Collator(start.tokenizer.pad_token_id, pack_len, **shapes(dataset, cfg, settings))
+    padded = shapes(dataset, cfg, settings)
+    collate: Any = Collator(start.tokenizer.pad_token_id, pack_len, **padded)
     if cached:
         root = Path(settings.feature_cache_dir or Path(settings.out) / "feature_cache")
         datasets = [d for d in (dataset, val) if d is not None]
@@ -184,7 +192,8 @@ def open_data(cfg: TrainConfig, start: build.Start, settings: RunSettings, info:
             collate = features.WithCachedFeatures(collate, cache)
     if cfg.stage == "dpo":
         collate = PairCollate(collate)  # a batch of P pairs: P chosen rows, then their P rejected rows
-    plan = BatchPlan(dataset.lengths, cfg.batch_size, cfg.batching, cfg.max_seq_len, cfg.seed)
+    plan = BatchPlan(dataset.lengths, cfg.batch_size, cfg.batching, cfg.max_seq_len, cfg.seed,
+                     tokens=batch_tokens(cfg), widths=padded.get("widths", ()) if pack_len is None else ())
     return Data(dataset, val, bad, collate, plan)
 
 
