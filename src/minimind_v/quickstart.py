@@ -161,12 +161,12 @@ def write_world(out: Path, seed: int, recipe: Recipe, scale: float) -> dict[str,
     }
 
 
-def train_world_tokenizer(corpus: list[Path], vocab_size: int, out: Path, whole_words: bool = True) -> Any:
+def train_world_tokenizer(corpus: list[Path], vocab_size: int, out: Path, whole_words: bool) -> Any:
     from minimind_v.data.synth.language import lexicon
     from minimind_v.data.tokenizer import corpus_texts, save_tokenizer, train_tokenizer
 
-    words = lexicon("zh") if whole_words else []
-    tokenizer = train_tokenizer(corpus_texts([str(p) for p in corpus]), vocab_size, words)
+    tokenizer = train_tokenizer(corpus_texts([str(p) for p in corpus]), vocab_size,
+                                lexicon("zh") if whole_words else ())
     save_tokenizer(tokenizer, out)
     return tokenizer
 

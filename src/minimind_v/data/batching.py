@@ -82,6 +82,11 @@ def bucket_widths(lengths: np.ndarray, n: int, multiple: int = 8) -> tuple[int, 
     return tuple(sorted({int(-(-int(e) // multiple) * multiple) for e in edges}))
 
 
+def padded_width(length: int, widths: tuple[int, ...]) -> int:
+    """The narrowest of the sorted `widths` that holds `length`; `length` itself when none does (or none given)."""
+    return next((w for w in widths if w >= length), length)
+
+
 class Collator:
     """Picklable collate_fn for DataLoader workers: drops BadSamples (returning them) and builds the batch."""
 
@@ -112,8 +117,7 @@ class Collator:
         return batch
 
     def _rows(self, rows: list[list[Sample]]) -> dict[str, torch.Tensor]:
-        width = max(sum(len(s.input_ids) for s in row) for row in rows)
-        width = next((w for w in self.widths if w >= width), width)
+        width = padded_width(max(sum(len(s.input_ids) for s in row) for row in rows), self.widths)
         target = self.rows or 0
         if target and self.tokens is not None:
             target = min(target, max(1, self.tokens // width))
@@ -205,18 +209,16 @@ class BatchPlan:
             return [order[i:i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
         batches: list[list[int]] = []
         batch: list[int] = []
-        widest = 0
+        width = 0  # the current batch's padded width
         for i in order.tolist():
-            width = self._padded(max(widest, int(self.lengths[i])))
-            if batch and (len(batch) == self.batch_size or (len(batch) + 1) * width > self.tokens):
+            length = int(self.lengths[i])
+            grown = padded_width(max(width, length), self.widths)
+            if batch and (len(batch) == self.batch_size or (len(batch) + 1) * grown > self.tokens):
                 batches.append(batch)
-                batch, width = [], self._padded(int(self.lengths[i]))
+                batch, grown = [], padded_width(length, self.widths)
             batch.append(i)
-            widest = width
+            width = grown
         return batches + ([batch] if batch else [])
-
-    def _padded(self, length: int) -> int:
-        return next((w for w in self.widths if w >= length), length)
 
     def _packed(self, order: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
         """Bins from first-fit decreasing over windows of the shuffled order, batch_size bins per batch."""

@@ -8,8 +8,9 @@ steps): micro-step j of the step starting at position p gives process r the batc
 So with random batching, W processes of batch B see in each step exactly the samples one process
 of batch W*B sees; and a run resumed with another number of processes continues slicing the same
 list from the same batch, which is the same global sample: with random or grouped batching, batch
-p starts at sample p * B of the epoch's order (batches of a token budget have no fixed B, but the same list). (The batch size itself must stay, or the list would
-change.) The tail of an epoch shorter than one step is skipped, so every process does the same work.
+p starts at sample p * B of the epoch's order (batches of a token budget have no fixed B, but the list is
+the same). (The batch size itself must stay, or the list would change.) The tail of an epoch shorter than
+one step is skipped, so every process does the same work.
 """
 
 from __future__ import annotations
