@@ -130,7 +130,8 @@ def open_data(path: str, images: str | None, tokenizer: Any, cfg: VLMConfig, pre
     settings = DataSettings.for_training(preprocessor, max_seq_len, decode_images, augment, seed, cache_dir)
     dataset = VLMDataset(open_dataset(path, images), tokenizer, cfg, preprocessor, settings)
     if len(dataset) == 0:
-        raise UserError(f"--data {path}: no usable sample ({len(dataset.bad_upfront)} bad)")
+        first = f"; the first: {dataset.bad_upfront[0]}" if dataset.bad_upfront else ""
+        raise UserError(f"--data {path}: no usable sample ({len(dataset.bad_upfront)} bad{first})")
     return dataset
 
 
