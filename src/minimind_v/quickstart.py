@@ -77,6 +77,8 @@ class Recipe:
     """Checkpoints evaluated for the curve (besides the final model)."""
     device: str = "cpu"
     """Where training runs (experiments only: the quickstart's promise is about 2 CPU cores)."""
+    dtype: str = "auto"
+    """Training precision, as `train --dtype` (experiments: bf16 autocast against fp32)."""
     steps: int | None = None
     """Fixed training steps instead of what fits the time (experiments on other machines)."""
     image_place: str = "before"
@@ -228,7 +230,7 @@ def train_world(data: Path, n_samples: int, run_dir: Path, model_cfg: Any, start
         stage="sft", lr=recipe.lr, batch_size=recipe.batch_size, max_seq_len=512,
         epochs=math.ceil(steps * recipe.batch_size / n_samples) + 1, freeze="llm", max_steps=steps,
         max_minutes=max(train_seconds, 1.0) / 60, seed=seed, warmup_steps=max(1, min(50, steps // 10)),
-        batching="grouped", model=model_cfg))
+        batching="grouped", dtype=recipe.dtype, model=model_cfg))
     settings = RunSettings(data=str(data), out=str(run_dir), save_every=max(1, math.ceil(steps / recipe.checkpoints)),
                            keep_checkpoints=recipe.checkpoints + 1, log_every=10, device=recipe.device)
     began = time.perf_counter()
