@@ -102,3 +102,72 @@ def test_cli_prints_json_and_rejects_bad_flags(capsys: pytest.CaptureFixture[str
     assert cli.main(["bench", "--preset", "tiny", "--max-seq-len", str(no_room)]) == 2
     assert cli.main(["bench", "--preset", "nope"]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def _standin(tmp_path, like: str, n: int):
+    from minimind_v.data.synth import SynthOptions, write_dataset
+
+    path = write_dataset(SynthOptions(out=str(tmp_path), n=n, seed=0, like=like))
+    return path, path.parent / ("pretrain_images" if "pretrain" in like else "sft_images")
+
+
+def test_data_samples_are_the_trainers_own(tmp_path, tokenizer_dir) -> None:
+    from minimind_v.data.images import ImagePreprocessor
+    from minimind_v.data.tokenizer import load_tokenizer
+    from minimind_v.train.build import open_data
+
+    path, images = _standin(tmp_path, "minimind-v-sft", 24)  # each image twice, some samples text-only
+    opts = bench.BenchOptions(stage="sft", preset="tiny", steps=2, warmup=0, batch_size=4, data=str(path),
+                              images=str(images), tokenizer=str(tokenizer_dir))
+    s = bench.setup(opts)
+    cfg = s.cfg
+    dataset = open_data(str(path), str(images), load_tokenizer(tokenizer_dir), cfg,
+                        ImagePreprocessor.for_image_size(cfg.vision.image_size), s.max_len, decode_images=True)
+    own = {tuple(dataset[i].input_ids.tolist()): dataset[i] for i in range(len(dataset))}
+    drawn = [x for b in s.batches for x in b.samples]
+    assert len(drawn) == 8 and len({tuple(x.input_ids) for x in drawn}) == 8  # 8 of 24 records, no repeats
+    for x in drawn:
+        sample = own[tuple(x.input_ids)]
+        assert x.labels == sample.labels.tolist()
+        assert (x.pixel_values is None) == (sample.pixel_values is None)
+        if x.pixel_values is not None:
+            assert torch.equal(x.pixel_values, sample.pixel_values)
+    for b in s.batches:  # the images in placeholder order, one feature row per image
+        placeholders = sum(t == cfg.image_token_id for x in b.samples for t in x.input_ids)
+        n_images = 0 if b.pixels is None else len(b.pixels)
+        assert placeholders == n_images * cfg.image_token_len
+        assert (b.features is None) == (b.pixels is None)
+    assert s.data is not None and (s.data.records, s.data.usable) == (24, 24)
+    assert s.data.images_per_sample == pytest.approx(len(list(images.iterdir())) / 24)
+
+
+def test_a_data_run_reports_the_set_up_and_the_epochs_both_loops_imply(tmp_path, tokenizer_dir) -> None:
+    path, images = _standin(tmp_path, "minimind-v-pretrain", 12)
+    result = bench.run(bench.BenchOptions(stage="pretrain", preset="tiny", steps=2, warmup=1, batch_size=2,
+                                          data=str(path), images=str(images), tokenizer=str(tokenizer_dir),
+                                          epoch_samples=1000, generate=False))
+    assert result["first_step_loss_gap"] < 1e-3  # real lengths and pixels: still one objective
+    epoch = result["epoch"]
+    assert (epoch["samples"], epoch["epochs"]) == (1000, 4)  # the pretrain stage's epochs
+    fast, naive = result["fast"]["samples_per_s"], result["naive"]["samples_per_s"]
+    assert epoch["naive_total_s"] == pytest.approx(4 * 1000 / naive, rel=0.01)
+    set_up = (result["data"]["up_front_pass_s"] * 1000 / 12
+              + 1000 * result["data"]["images_per_sample"] * result["feature_cache"]["seconds_per_image"])
+    assert epoch["fast_set_up_s"] == pytest.approx(set_up, abs=0.1)
+    assert epoch["fast_total_s"] == pytest.approx(set_up + 4 * 1000 / fast, rel=0.01, abs=0.2)
+    assert epoch["naive_over_fast_total"] == pytest.approx(epoch["naive_total_s"] / epoch["fast_total_s"], rel=0.01)
+
+
+def test_data_mistakes_are_one_line(tmp_path, tokenizer_dir, capsys: pytest.CaptureFixture[str]) -> None:
+    path, images = _standin(tmp_path, "minimind-v-pretrain", 4)
+    base = ["bench", "--preset", "tiny", "--stage", "pretrain", "--steps", "1", "--no-generate"]
+    assert cli.main([*base, "--data", str(path)]) == 2  # no tokenizer
+    assert "needs --tokenizer" in capsys.readouterr().err
+    assert cli.main([*base, "--tokenizer", str(tokenizer_dir)]) == 2  # a tokenizer without data
+    assert cli.main([*base, "--data", str(tmp_path / "nope.jsonl"), "--tokenizer", str(tokenizer_dir)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    # the images left beside the data file instead of in their folder: the reason is in the line
+    assert cli.main([*base, "--data", str(path), "--tokenizer", str(tokenizer_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "no usable sample" in err and "missing_image" in err and "Traceback" not in err
+    assert cli.main([*base, "--epochs", "0"]) == 2

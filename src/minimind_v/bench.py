@@ -12,6 +12,10 @@ weights, with the stage's trainable set (pretrain: the projector; sft: LLM + pro
   positions, fused AdamW, and on CUDA the model compiled as `train --compile` compiles it.
 
 Both compute the same objective, so their first-step losses agree (a check printed in the JSON).
+With `--data` the samples are a data set's own (e.g. `synth --like`'s stand-ins of the original data at their
+real sizes), read as `train` reads them: its reader, chat template and image preprocessing; the report then
+adds the set-up `train` spends before its first step (the up-front pass over the records, the tower encoding
+each image once) and the epoch time both loops imply.
 Generation is timed too, through the engine every chat, web and serve request goes through.
 Model FLOPs count only the useful work at the real length (no padding, no per-step tower, the LM
 head where supervised); MFU divides them by the device's dense bf16 peak when it is known.
@@ -20,8 +24,8 @@ head where supervised); MFU divides them by the device's dense bf16 peak when it
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
-import math
 import random
 import time
 from collections.abc import Callable
@@ -34,26 +38,42 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from minimind_v.bench_samples import (
+    Batch,
+    DataReport,
+    Sample,
+    bench_config,
+    data_samples,
+    make_batches,
+    synthetic_samples,
+)
 from minimind_v.constants import IGNORE_INDEX
 from minimind_v.data.batching import Collator, bucket_widths
 from minimind_v.data.dataset import Sample as DataSample
 from minimind_v.data.images import ImagePreprocessor
-from minimind_v.devices import bf16_peak, device_name, now, peak_memory_mb, resolve_device
+from minimind_v.devices import (
+    bf16_peak,
+    device_name,
+    now,
+    peak_memory_mb,
+    resolve_device,
+)
 from minimind_v.errors import UserError
 from minimind_v.model.config import VLMConfig
 from minimind_v.model.vlm import MiniMindVLM
-from minimind_v.presets import get_preset
 from minimind_v.train import optim
 from minimind_v.train.config import TrainConfig, for_stage
 from minimind_v.train.freezing import apply_policy
 from minimind_v.train.loop import model_inputs
 from minimind_v.train.run import build_optimizer, compile_model
 from minimind_v.train.stages import get_stage
-from minimind_v.train.step import Precision, apply_gradients, backward, supervised_tokens, train_step
-
-# Text around the image in one sample, in tokens: (prompt lo, hi), (answer lo, hi). Pretrain is the
-# original's caption data (196 image tokens + ~44 text), SFT its conversations (~300 tokens in all).
-TEXT_LENGTHS = {"pretrain": ((8, 16), (24, 48)), "sft": ((20, 60), (40, 100))}
+from minimind_v.train.step import (
+    Precision,
+    apply_gradients,
+    backward,
+    supervised_tokens,
+    train_step,
+)
 
 
 @dataclass
@@ -81,19 +101,17 @@ class BenchOptions:
     """Seed of the weights and of the synthetic data."""
     generate: bool = True
     """Also time generation through the engine: greedy, batch 1, one image + 54-token prompt, 100 new tokens."""
+    data: str | None = None
+    """A data file (jsonl or parquet) whose samples are timed, drawn at random, instead of synthetic tokens."""
+    images: str | None = None
+    """The data's image folder (default: beside the data file, as `train --images`)."""
+    tokenizer: str | None = None
+    """Tokenizer directory for --data (the model's vocabulary and placeholder id come from it)."""
+    epoch_samples: int | None = None
+    """Samples in the epoch whose time is extrapolated; default with --data: the data's usable samples."""
+    epochs: int | None = None
+    """Epochs the extrapolated total covers (default the stage's: pretrain 4, sft 2, the original's)."""
 
-
-@dataclass
-class Sample:
-    input_ids: list[int]
-    labels: list[int]
-
-
-@dataclass
-class Batch:
-    samples: list[Sample]
-    pixels: Tensor  # (B, 3, H, W): one image per sample
-    features: Tensor  # (B, n_patches, vision_dim) fp16, precomputed
 
 
 def main(opts: BenchOptions) -> int:
@@ -111,21 +129,30 @@ class Setup:
     encode_seconds_per_image: float
     max_len: int
     device: torch.device
+    data: DataReport | None = None
+
 
 
 def setup(opts: BenchOptions) -> Setup:
     _validate(opts)
     device = resolve_device(opts.device)
-    cfg = bench_config(opts.preset)
     stage = get_stage(opts.stage)
     max_len = opts.max_seq_len or stage.max_seq_len
+    n = opts.batch_size * (opts.warmup + opts.steps)
+    report = None
+    if opts.data is None:
+        cfg = bench_config(opts.preset)
+        samples = synthetic_samples(cfg, opts.stage, n, max_len, opts.seed)
+    else:
+        assert opts.tokenizer is not None  # _validate
+        cfg, samples, report = data_samples(opts.preset, opts.data, opts.images, opts.tokenizer, n, max_len,
+                                            opts.seed)
     torch.manual_seed(opts.seed)
     model = MiniMindVLM(cfg).to(device)
     # The stage's trainable set; the tower stays frozen, as in the recipe whose features can be cached.
     apply_policy(model, stage.freeze, train_vision=False, uses_images=True)
-    samples = synthetic_samples(cfg, opts.stage, opts.batch_size * (opts.warmup + opts.steps), max_len, opts.seed)
     batches, encode_s = make_batches(model, samples, opts.batch_size, device)
-    return Setup(cfg, model, batches, encode_s, max_len, device)
+    return Setup(cfg, model, batches, encode_s, max_len, device, report)
 
 
 def run(opts: BenchOptions) -> dict[str, Any]:
@@ -139,6 +166,8 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         "trainable_parameters": sum(p.numel() for p in s.model.parameters() if p.requires_grad),
         "feature_cache": {"encoded_once_untimed": True, "seconds_per_image": round(s.encode_seconds_per_image, 4)},
     }
+    if s.data is not None:
+        result["data"] = dataclasses.asdict(s.data)
     initial = copy.deepcopy({k: v for k, v in s.model.state_dict().items() if not k.startswith("vision.")})
     # Fast first: on CPU the peak-memory figure is the process's, which only ever grows.
     for mode in ("fast", "naive"):
@@ -148,9 +177,33 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     if opts.mode == "both":
         result["speedup_fast_over_naive"] = round(result["fast"]["samples_per_s"] / result["naive"]["samples_per_s"], 2)
         result["first_step_loss_gap"] = round(abs(result["fast"]["first_loss"] - result["naive"]["first_loss"]), 5)
+    epoch = opts.epoch_samples or (s.data.usable if s.data else None)
+    if epoch:
+        result["epoch"] = epoch_estimate(result, s, epoch, opts.epochs or get_stage(opts.stage).epochs)
     if opts.generate:
         result["generation"] = generation_speed(s.model, s.device, opts.seed)
     return result
+
+
+def epoch_estimate(result: dict[str, Any], s: Setup, samples: int, epochs: int) -> dict[str, Any]:
+    """Seconds an epoch of `samples` takes in each timed loop at the timed speed, and `epochs` of them in all.
+    Ours adds its set-up once: the up-front pass (scaled from the records read) and the tower run once per image
+    for the feature cache; the original's loop has neither (it reads records in its loader and runs the tower
+    in every step of every epoch)."""
+    estimate: dict[str, Any] = {"samples": samples, "epochs": epochs}
+    if "fast" in result:
+        images = samples * (s.data.images_per_sample if s.data else 1.0)
+        pass_s = s.data.up_front_pass_s * samples / s.data.records if s.data else 0.0
+        set_up = pass_s + images * s.encode_seconds_per_image
+        epoch = samples / result["fast"]["samples_per_s"]
+        estimate.update(fast_set_up_s=round(set_up, 1), fast_epoch_s=round(epoch, 1),
+                        fast_total_s=round(set_up + epochs * epoch, 1))
+    if "naive" in result:
+        epoch = samples / result["naive"]["samples_per_s"]
+        estimate.update(naive_epoch_s=round(epoch, 1), naive_total_s=round(epochs * epoch, 1))
+    if "fast" in result and "naive" in result:
+        estimate["naive_over_fast_total"] = round(estimate["naive_total_s"] / estimate["fast_total_s"], 2)
+    return estimate
 
 
 def _validate(opts: BenchOptions) -> None:
@@ -159,56 +212,15 @@ def _validate(opts: BenchOptions) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
     if opts.warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {opts.warmup}")
+    for name in ("epoch_samples", "epochs"):
+        if getattr(opts, name) is not None and getattr(opts, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
+    if opts.data is None and (opts.images or opts.tokenizer):
+        raise UserError("--images and --tokenizer describe --data; without --data the samples are synthetic")
+    if opts.data is not None and opts.tokenizer is None:
+        raise UserError(f"--data {opts.data}: needs --tokenizer DIR (the vocabulary its text is tokenised with)")
 
 
-def bench_config(preset: str) -> VLMConfig:
-    """The preset, with a tower that would come from the Hub replaced by a random one of the same shape."""
-    cfg = get_preset(preset)
-    v = cfg.vision
-    if v.init is None:
-        # Only CLIP towers are named by the presets; ViT-B is CLIPVisionConfig's default width and depth.
-        patch = v.image_size // math.isqrt(v.num_patches)
-        v.init = {"model_type": "clip_vision_model", "hidden_size": v.hidden_size, "image_size": v.image_size,
-                  "patch_size": patch}
-    return cfg
-
-
-def synthetic_samples(cfg: VLMConfig, stage: str, n: int, max_len: int, seed: int) -> list[Sample]:
-    """`n` samples: prompt tokens, one image's placeholder run, more prompt, then the supervised answer."""
-    rng = random.Random(seed)
-    (p_lo, p_hi), (a_lo, a_hi) = TEXT_LENGTHS[stage]
-    text_ids = [i for i in range(3, cfg.lm.vocab_size) if i != cfg.image_token_id]  # 0-2 are special tokens
-    samples = []
-    for _ in range(n):
-        prompt = rng.randint(p_lo, p_hi)
-        answer = min(rng.randint(a_lo, a_hi), max_len - prompt - cfg.image_token_len)
-        if answer < 1:
-            raise UserError(f"--max-seq-len {max_len} leaves no room for an answer after {cfg.image_token_len} "
-                            "image tokens and the prompt")
-        before = rng.randint(1, prompt - 1)
-        ids = ([rng.choice(text_ids) for _ in range(before)] + [cfg.image_token_id] * cfg.image_token_len
-               + [rng.choice(text_ids) for _ in range(prompt - before + answer)])
-        labels = [IGNORE_INDEX] * (len(ids) - answer) + ids[-answer:]
-        samples.append(Sample(ids, labels))
-    return samples
-
-
-def make_batches(model: MiniMindVLM, samples: list[Sample], batch_size: int,
-                 device: torch.device) -> tuple[list[Batch], float]:
-    """Group samples into batches with random pixels; returns the batches and the tower's seconds per image.
-
-    The features are what a feature cache would hold: the frozen tower's output, stored in fp16.
-    """
-    size = model.cfg.vision.image_size
-    batches, encode_s = [], 0.0
-    for start in range(0, len(samples), batch_size):
-        pixels = torch.randn(batch_size, 3, size, size, device=device)
-        t0 = now(device)
-        with torch.no_grad():
-            features = model.encode_images(pixels).half()
-        encode_s += now(device) - t0
-        batches.append(Batch(samples[start:start + batch_size], pixels, features))
-    return batches, encode_s / len(samples)
 
 
 # ---- the two loops ------------------------------------------------------------------------------
@@ -239,7 +251,8 @@ def fast_inputs(batch: Batch, collate: Collator) -> dict[str, Tensor]:
     samples = [DataSample(torch.tensor(s.input_ids), torch.tensor(s.labels), None, [], "bench")
                for s in batch.samples]
     inputs = model_inputs(collate(samples))
-    inputs["image_features"] = batch.features
+    if batch.features is not None:
+        inputs["image_features"] = batch.features
     return inputs
 
 
@@ -340,7 +353,7 @@ def sample_flops(cfg: VLMConfig, sample: Sample, stage: str) -> float:
     matmul = 2 * lm.num_hidden_layers * layer_params * T + 2 * lm.hidden_size * lm.vocab_size * supervised
     attention = lm.num_hidden_layers * 4 * lm.hidden_size * T * (T + 1) / 2  # causal QK^T and AV
     projector_params = cfg.vision.hidden_size * lm.hidden_size + (lm.hidden_size ** 2 if cfg.projector == "mlp" else 0)
-    projector = 2 * projector_params * cfg.image_token_len
+    projector = 2 * projector_params * sum(t == cfg.image_token_id for t in sample.input_ids)
     return matmul * (1 + llm_backward) + attention * 3 + projector * 3
 
 
