@@ -190,9 +190,34 @@ def test_the_3v_recipe_sets_its_own_stage_defaults_and_has_no_text_stage():
     assert (sft.lr, sft.batch_size, sft.max_seq_len, sft.epochs, sft.freeze) == (5e-6, 4, 768, 2, "projector+ends")
     pre = for_stage(TrainConfig(stage="pretrain", recipe="minimind-3v", lr=1e-4))
     assert (pre.lr, pre.batch_size, pre.max_seq_len, pre.epochs, pre.freeze) == (1e-4, 16, 450, 2, "projector")
-    assert for_stage(TrainConfig(stage="sft")).lr == 5e-5  # the 2025 recipe stays the default
+    assert for_stage(TrainConfig(stage="sft")).lr == 1e-4  # the 2025 recipe stays the default (5e-5 at 8, at 32)
     with pytest.raises(UserError, match="not a stage of --recipe minimind-3v"):
         for_stage(TrainConfig(stage="lm", recipe="minimind-3v"))
+
+
+def test_the_default_rate_follows_the_square_root_rule_for_the_samples_per_step():
+    import math
+
+    from minimind_v.train.config import LoraSettings, TrainConfig, for_stage
+    from minimind_v.train.stages import get_stage
+
+    pre = get_stage("pretrain")
+    base = pre.lr_batch or pre.batch_size
+    for batch, accumulation in ((base, 1), (4 * base, 1), (base, 4), (2 * base, 2), (max(1, base // 4), 1)):
+        cfg = for_stage(TrainConfig(stage="pretrain", batch_size=batch, accumulation_steps=accumulation))
+        assert math.isclose(cfg.lr, pre.lr * math.sqrt(batch * accumulation / base), rel_tol=1e-12)
+    assert for_stage(TrainConfig(stage="pretrain", batch_size=4 * base)).lr == 2 * pre.lr
+    assert for_stage(TrainConfig(stage="pretrain", batch_size=base), processes=4).lr == 2 * pre.lr
+    # 2 micro-batches on one process and 1 on each of 2 processes are the same step, so the same rate
+    assert (for_stage(TrainConfig(stage="pretrain", batch_size=base, accumulation_steps=2)).lr
+            == for_stage(TrainConfig(stage="pretrain", batch_size=base), processes=2).lr)
+    assert for_stage(TrainConfig(stage="pretrain", batch_size=4 * base, lr=3e-4)).lr == 3e-4  # given: kept
+    dpo = get_stage("dpo")
+    lora = for_stage(TrainConfig(stage="dpo", batch_size=4 * (dpo.lr_batch or dpo.batch_size),
+                                 lora=LoraSettings(lora_rank=8)))
+    assert math.isclose(lora.lr, 2 * dpo.lora_lr)  # the LoRA rate scales alike
+    default = for_stage(TrainConfig(stage="pretrain"))
+    assert math.isclose(default.lr, pre.lr * math.sqrt(default.batch_size / base))
 
 
 def test_a_knob_a_checkpoint_predates_counts_as_its_default_on_resume():

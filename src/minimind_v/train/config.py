@@ -18,7 +18,7 @@ from minimind_v.errors import UserError
 from minimind_v.model.config import VLMConfig
 from minimind_v.options import flag_name
 from minimind_v.train.freezing import Policy
-from minimind_v.train.stages import Recipe, get_stage
+from minimind_v.train.stages import Recipe, batch_scaled_lr, get_stage
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The language model's linear layers a LoRA adapter can wrap: attention, and the (expert) SwiGLU MLPs."""
@@ -52,7 +52,8 @@ class TrainConfig:
     """Whose stage defaults: minimind-v (the 2025 recipe) or minimind-3v (2026: pretrain 2 epochs of 450 tokens;
     SFT lr 5e-6, batch 4, 768 tokens, projector+ends); train/stages.py holds them."""
     lr: float | None = None
-    """Peak learning rate (default: the stage's)."""
+    """Peak learning rate (default: the stage's, times sqrt(k) where --batch-size x --accumulation-steps x
+    processes is k times the samples per step it was set for)."""
     batch_size: int | None = None
     """Samples per micro-batch per process (default: the stage's); with --tokens-per-step, the most a batch holds."""
     tokens_per_step: int | None = None
@@ -129,13 +130,19 @@ class TrainConfig:
         return get_stage(self.stage, self.recipe).uses_images and (self.freeze == "all" or not self.model.vision.freeze)
 
 
-def for_stage(cfg: TrainConfig) -> TrainConfig:
-    """`cfg` with every unset field at the stage's default, checked; what a run trains with and records."""
+def for_stage(cfg: TrainConfig, processes: int = 1) -> TrainConfig:
+    """`cfg` with every unset field at the stage's default, checked; what a run trains with and records.
+    `processes`: how many share each optimizer step (the default rate is for the samples of the whole step)."""
     stage = get_stage(cfg.stage, cfg.recipe)
-    defaults = {name: getattr(stage, name) for name in ("lr", "batch_size", "max_seq_len", "epochs", "freeze")}
-    if cfg.lora.lora_rank > 0 and stage.lora_lr is not None:
-        defaults["lr"] = stage.lora_lr
+    defaults = {name: getattr(stage, name) for name in ("batch_size", "max_seq_len", "epochs", "freeze")}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    if cfg.lr is None:
+        # The stage's rate is for its lr_batch samples per optimizer step; another number of samples scales it.
+        lr = stage.lora_lr if cfg.lora.lora_rank > 0 and stage.lora_lr is not None else stage.lr
+        if cfg.batch_size >= 1 and cfg.accumulation_steps >= 1:
+            samples = cfg.batch_size * cfg.accumulation_steps * processes
+            lr = batch_scaled_lr(lr, stage.lr_batch or stage.batch_size, samples)
+        cfg = dataclasses.replace(cfg, lr=lr)
     if cfg.freeze == "all" and cfg.model.vision.freeze:
         # A tower that learns must travel with the model directory, not be referenced by hub id.
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(

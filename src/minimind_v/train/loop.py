@@ -54,7 +54,7 @@ def main(opts: TrainOptions) -> int:
     check_inputs(opts.run)
     info = distributed.setup(opts.run.device)
     try:
-        cfg, start, resume_from = prepare(opts.config, opts.run)
+        cfg, start, resume_from = prepare(opts.config, opts.run, info.world_size)
         train(cfg, start, opts.run, info, resume_from)
     finally:
         distributed.teardown()
@@ -79,14 +79,15 @@ def check_inputs(settings: RunSettings) -> None:
         raise UserError(f"--images {settings.images}: no such folder")
 
 
-def prepare(config: TrainConfig, settings: RunSettings) -> tuple[TrainConfig, build.Start, Path | None]:
+def prepare(config: TrainConfig, settings: RunSettings,
+            processes: int = 1) -> tuple[TrainConfig, build.Start, Path | None]:
     """The run's resolved config and starting point; on --resume also the checkpoint, checked against the config."""
     stage = get_stage(config.stage, config.recipe)
     from_ = settings.from_ or ("none" if not stage.needs_from else None)
     if from_ is None:
         raise UserError(f"--stage {config.stage} starts from a trained model: give --from DIR (or a .pth, or none)")
     start = build.resolve_start(from_, settings.preset, settings.tokenizer, settings.vision)
-    cfg = for_stage(apply_overrides(dataclasses.replace(config, model=start.cfg), settings.set_))
+    cfg = for_stage(apply_overrides(dataclasses.replace(config, model=start.cfg), settings.set_), processes)
     out = Path(settings.out)
     resume_from = checkpoint.latest(out)
     if settings.resume:

@@ -6,6 +6,7 @@ every value is only a default a flag can change.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,7 +25,7 @@ class Stage:
     freeze: str
     """Default freezing policy (see train/freezing.py)."""
     lr: float
-    """Peak learning rate."""
+    """Peak learning rate at `lr_batch` samples per optimizer step (batch_scaled_lr scales it)."""
     max_seq_len: int
     """Samples longer than this are counted as bad and skipped."""
     epochs: int
@@ -34,6 +35,15 @@ class Stage:
     """Starting from random weights makes no sense here, so --from must be given."""
     lora_lr: float | None = None
     """Peak learning rate under --lora-rank, when it differs from the full model's."""
+    lr_batch: int | None = None
+    """Samples per optimizer step that `lr` was chosen for (default: `batch_size`)."""
+
+
+def batch_scaled_lr(lr: float, lr_batch: int, batch: int) -> float:
+    """The square-root rule for Adam: `lr`, chosen for `lr_batch` samples per step, at `batch` samples per step.
+    k times the samples average the gradient's noise down by sqrt(k), and Adam's step grows with it: measured on
+    the synthetic world in docs/experiments.md ("A bigger batch")."""
+    return lr * math.sqrt(batch / lr_batch)
 
 
 # Preference pairs (train/dpo.py): from a trained model, one epoch. Measured on the quickstart model halfway through
@@ -48,13 +58,17 @@ RECIPES: dict[str, dict[str, Stage]] = {
         # The language model alone, on text, from nothing (the original MiniMind pretrain: 5e-4, 512 tokens).
         "lm": Stage("lm", uses_images=False, freeze="llm", lr=5e-4, max_seq_len=512, epochs=1, batch_size=32,
                     needs_from=False),
-        # Captions: only the projector learns to map image features into the LLM's space (the original: 4e-4, 640).
+        # Captions: only the projector learns to map image features into the LLM's space (the original: 4e-4 at
+        # batch 16, 640 tokens). Four times the original's batch, at the square-root rule's rate (8e-4): a step
+        # of 16 leaves a GPU waiting on kernel launches, and on the synthetic world 4x the batch at the same
+        # samples seen ended within 1 point in short answers (docs/experiments.md, "A bigger batch").
         "pretrain": Stage("pretrain", uses_images=True, freeze="projector", lr=4e-4, max_seq_len=640, epochs=4,
-                          batch_size=16, needs_from=True),
+                          batch_size=64, lr_batch=16, needs_from=True),
         # Conversations: LLM + projector. The original uses 1e-6 on a well-trained LLM; a model trained here from
-        # scratch needs far more to move, and 5e-5 stays well below the pretrain rate.
-        "sft": Stage("sft", uses_images=True, freeze="llm", lr=5e-5, max_seq_len=1536, epochs=2, batch_size=8,
-                     needs_from=True),
+        # scratch needs far more to move, and 5e-5 at batch 8 stays well below the pretrain rate; 4x the batch
+        # as in pretrain (1e-4).
+        "sft": Stage("sft", uses_images=True, freeze="llm", lr=5e-5, max_seq_len=1536, epochs=2, batch_size=32,
+                     lr_batch=8, needs_from=True),
         "dpo": DPO,
     },
     # The 2026 recipe (UPSTREAM_FORMAT.md): its freeze_llm 2 (pretrain) and 1 (SFT) are our projector and
