@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import json
 
 import numpy as np
@@ -190,14 +191,12 @@ def test_the_3v_recipe_sets_its_own_stage_defaults_and_has_no_text_stage():
     assert (sft.lr, sft.batch_size, sft.max_seq_len, sft.epochs, sft.freeze) == (5e-6, 4, 768, 2, "projector+ends")
     pre = for_stage(TrainConfig(stage="pretrain", recipe="minimind-3v", lr=1e-4))
     assert (pre.lr, pre.batch_size, pre.max_seq_len, pre.epochs, pre.freeze) == (1e-4, 16, 450, 2, "projector")
-    assert for_stage(TrainConfig(stage="sft")).lr == 1e-4  # the 2025 recipe stays the default (5e-5 at 8, at 32)
+    assert math.isclose(for_stage(TrainConfig(stage="sft")).lr, 5e-5 * 2 ** 0.5)  # the 2025 recipe (5e-5 at 8, at 16)
     with pytest.raises(UserError, match="not a stage of --recipe minimind-3v"):
         for_stage(TrainConfig(stage="lm", recipe="minimind-3v"))
 
 
 def test_the_default_rate_follows_the_square_root_rule_for_the_samples_per_step():
-    import math
-
     from minimind_v.train.config import LoraSettings, TrainConfig, for_stage
     from minimind_v.train.stages import get_stage
 
