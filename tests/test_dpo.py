@@ -4,9 +4,9 @@ are counted, RLAIF-V's parquet columns are read, and the command trains, logs it
 from __future__ import annotations
 
 import copy
-import math
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import math
 import json
+import math
 
 import numpy as np
 import pytest
@@ -201,7 +201,7 @@ def test_the_default_rate_follows_the_square_root_rule_for_the_samples_per_step(
     from minimind_v.train.stages import get_stage
 
     pre = get_stage("pretrain")
-    base = pre.lr_batch or pre.batch_size
+    base = pre.lr_batch
     for batch, accumulation in ((base, 1), (4 * base, 1), (base, 4), (2 * base, 2), (max(1, base // 4), 1)):
         cfg = for_stage(TrainConfig(stage="pretrain", batch_size=batch, accumulation_steps=accumulation))
         assert math.isclose(cfg.lr, pre.lr * math.sqrt(batch * accumulation / base), rel_tol=1e-12)
@@ -212,7 +212,7 @@ def test_the_default_rate_follows_the_square_root_rule_for_the_samples_per_step(
             == for_stage(TrainConfig(stage="pretrain", batch_size=base), processes=2).lr)
     assert for_stage(TrainConfig(stage="pretrain", batch_size=4 * base, lr=3e-4)).lr == 3e-4  # given: kept
     dpo = get_stage("dpo")
-    lora = for_stage(TrainConfig(stage="dpo", batch_size=4 * (dpo.lr_batch or dpo.batch_size),
+    lora = for_stage(TrainConfig(stage="dpo", batch_size=4 * dpo.lr_batch,
                                  lora=LoraSettings(lora_rank=8)))
     assert math.isclose(lora.lr, 2 * dpo.lora_lr)  # the LoRA rate scales alike
     default = for_stage(TrainConfig(stage="pretrain"))

@@ -18,7 +18,7 @@ from minimind_v.errors import UserError
 from minimind_v.model.config import VLMConfig
 from minimind_v.options import flag_name
 from minimind_v.train.freezing import Policy
-from minimind_v.train.stages import Recipe, batch_scaled_lr, get_stage
+from minimind_v.train.stages import Recipe, get_stage
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The language model's linear layers a LoRA adapter can wrap: attention, and the (expert) SwiGLU MLPs."""
@@ -137,12 +137,9 @@ def for_stage(cfg: TrainConfig, processes: int = 1) -> TrainConfig:
     defaults = {name: getattr(stage, name) for name in ("batch_size", "max_seq_len", "epochs", "freeze")}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     if cfg.lr is None:
-        # The stage's rate is for its lr_batch samples per optimizer step; another number of samples scales it.
-        lr = stage.lora_lr if cfg.lora.lora_rank > 0 and stage.lora_lr is not None else stage.lr
-        if cfg.batch_size >= 1 and cfg.accumulation_steps >= 1:
-            samples = cfg.batch_size * cfg.accumulation_steps * processes
-            lr = batch_scaled_lr(lr, stage.lr_batch or stage.batch_size, samples)
-        cfg = dataclasses.replace(cfg, lr=lr)
+        # A batch_size or accumulation_steps below 1 is refused by check() below, not scaled by.
+        samples = max(1, cfg.batch_size) * max(1, cfg.accumulation_steps) * processes
+        cfg = dataclasses.replace(cfg, lr=stage.default_lr(samples, lora=cfg.lora.lora_rank > 0))
     if cfg.freeze == "all" and cfg.model.vision.freeze:
         # A tower that learns must travel with the model directory, not be referenced by hub id.
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(

@@ -35,8 +35,17 @@ class Stage:
     """Starting from random weights makes no sense here, so --from must be given."""
     lora_lr: float | None = None
     """Peak learning rate under --lora-rank, when it differs from the full model's."""
-    lr_batch: int | None = None
-    """Samples per optimizer step that `lr` was chosen for (default: `batch_size`)."""
+    lr_batch: int = 0
+    """Samples per optimizer step that `lr` was chosen for (0: `batch_size`)."""
+
+    def __post_init__(self) -> None:
+        if not self.lr_batch:
+            object.__setattr__(self, "lr_batch", self.batch_size)
+
+    def default_lr(self, samples: int, lora: bool = False) -> float:
+        """The peak rate a run with `samples` per optimizer step takes when --lr is not given."""
+        lr = self.lora_lr if lora and self.lora_lr is not None else self.lr
+        return batch_scaled_lr(lr, self.lr_batch, samples)
 
 
 def batch_scaled_lr(lr: float, lr_batch: int, batch: int) -> float:
