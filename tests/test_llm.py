@@ -38,7 +38,8 @@ def original_names(model: MiniMindLM) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.mark.parametrize("overrides", [{}, {"use_moe": True}, {"qk_norm": True}], ids=["dense", "moe", "qk_norm"])
+@pytest.mark.parametrize("overrides", [{}, {"use_moe": True}, {"qk_norm": True}, {"qk_norm": True, "qk_norm_gain": 2.0}],
+                         ids=["dense", "moe", "qk_norm", "qk_norm_gain"])
 def test_matches_reference(overrides):
     model = make_model(**overrides)
     ids = torch.randint(0, 97, (2, 11))
@@ -47,6 +48,18 @@ def test_matches_reference(overrides):
                                 cfg.num_key_value_heads, ids, use_moe=cfg.use_moe, qk_norm=cfg.qk_norm)
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, expected, atol=1e-5)
+
+
+def test_the_qk_norm_gain_only_sets_where_the_norm_weights_start():
+    for attn in (block.attn for block in MiniMindLM(tiny_cfg(qk_norm=True, qk_norm_gain=2.0)).layers):
+        assert torch.equal(attn.q_norm.weight, torch.full_like(attn.q_norm.weight, 2.0))
+        assert torch.equal(attn.k_norm.weight, torch.full_like(attn.k_norm.weight, 2.0))
+    # The same weights in both models give the same logits: the gain is a starting point, not a second scale.
+    plain, gained = make_model(qk_norm=True), make_model(qk_norm=True, qk_norm_gain=2.0)
+    gained.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(gained(ids).logits, plain(ids).logits)
 
 
 def test_tied_embedding_is_one_parameter():

@@ -34,6 +34,11 @@ class LMConfig:
     """RMSNorm epsilon."""
     qk_norm: bool = False
     """RMSNorm on queries and keys per head (the 2026 generation); off for the original."""
+    qk_norm_gain: float = 1.0
+    """Initial weight of the query and key norms (learned afterwards). Normalised, a head's attention logits are at
+    most head_dim ** 0.5 times the product of the two weights (5.7 for 32 dims at 1.0), too flat to pick one image
+    token out of dozens until the weights grow; a gain g starts that bound at g ** 2 times it. Only the
+    initialisation reads it: a trained model's weights hold the scale."""
     dropout: float = 0.0
     """Dropout on embeddings and attention during training."""
     use_moe: bool = False

@@ -127,6 +127,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = rms_norm(self.head_dim, cfg) if cfg.qk_norm else None
         self.k_norm = rms_norm(self.head_dim, cfg) if cfg.qk_norm else None
+        if self.q_norm is not None and self.k_norm is not None:
+            nn.init.constant_(self.q_norm.weight, cfg.qk_norm_gain)
+            nn.init.constant_(self.k_norm.weight, cfg.qk_norm_gain)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:

@@ -10,8 +10,8 @@ from transformers import PretrainedConfig
 LM_DEFAULTS = {
     "vocab_size": 6400, "hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
     "num_key_value_heads": 2, "intermediate_size": None, "max_position_embeddings": 32768, "rope_theta": 1e6,
-    "rope_scaling": None, "rms_norm_eps": 1e-5, "qk_norm": False, "dropout": 0.0, "use_moe": False,
-    "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1, "norm_topk_prob": True,
+    "rope_scaling": None, "rms_norm_eps": 1e-5, "qk_norm": False, "qk_norm_gain": 1.0, "dropout": 0.0,
+    "use_moe": False, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1, "norm_topk_prob": True,
     "aux_loss_alpha": 0.1, "seq_aux": True, "numerics": "2025",
 }
 MIRRORED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
