@@ -73,6 +73,13 @@ class Recipe:
     qk_norm: bool = True
     """RMSNorm on each head's queries and keys (LMConfig.qk_norm), which keeps the attention logits in range at
     the higher learning rate."""
+    qk_norm_gain: float = 1.0
+    """Initial weight of the query and key norms (LMConfig.qk_norm_gain): a bigger one lets attention pick one image
+    token from the first step."""
+    compile: bool = False
+    """torch.compile the training step (`train --compile`), one graph per padded width."""
+    length_buckets: int = 8
+    """With compile: the padded widths batches come in (`train --length-buckets`), each compiled once."""
     checkpoints: int = 3
     """Checkpoints evaluated for the curve (besides the final model)."""
     device: str = "cpu"
@@ -175,7 +182,8 @@ def train_world_tokenizer(corpus: list[Path], vocab_size: int, out: Path, whole_
 
 def world_model(cfg: Any, recipe: Recipe) -> Any:
     """The tiny preset as the recipe trains it: fewer layers, q/k norm, the tower frozen, images first."""
-    lm = dataclasses.replace(cfg.lm, num_hidden_layers=recipe.layers, qk_norm=recipe.qk_norm)
+    lm = dataclasses.replace(cfg.lm, num_hidden_layers=recipe.layers, qk_norm=recipe.qk_norm,
+                             qk_norm_gain=recipe.qk_norm_gain)
     return dataclasses.replace(cfg, lm=lm, vision=dataclasses.replace(cfg.vision, freeze=True),
                                images_first=recipe.images_first)
 
@@ -232,7 +240,8 @@ def train_world(data: Path, n_samples: int, run_dir: Path, model_cfg: Any, start
         max_minutes=max(train_seconds, 1.0) / 60, seed=seed, warmup_steps=max(1, min(50, steps // 10)),
         batching="grouped", dtype=recipe.dtype, model=model_cfg))
     settings = RunSettings(data=str(data), out=str(run_dir), save_every=max(1, math.ceil(steps / recipe.checkpoints)),
-                           keep_checkpoints=recipe.checkpoints + 1, log_every=10, device=recipe.device)
+                           keep_checkpoints=recipe.checkpoints + 1, log_every=10, device=recipe.device,
+                           compile=recipe.compile, length_buckets=recipe.length_buckets)
     began = time.perf_counter()
     train(cfg, start, settings, distributed.setup(recipe.device))
     wall = time.perf_counter() - began
