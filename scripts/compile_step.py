@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from minimind_v.constants import IGNORE_INDEX
 from minimind_v.modeldir import load_model
+from minimind_v.train.budget import step_batch
 from minimind_v.train.config import TrainConfig, for_stage
 from minimind_v.train.run import build_optimizer, compile_model
 from minimind_v.train.step import Precision, train_step
@@ -28,6 +30,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=120, help="Row width of the timed batch.")
     a = p.parse_args()
+    if not (Path(a.model) / "config.json").is_file():
+        sys.exit(f"{a.model}: not a model directory (no config.json)")
     torch.set_num_threads(a.threads)
     cpu = torch.device("cpu")
     for batch_size in (32, 64):
@@ -38,12 +42,7 @@ def main() -> None:
             cfg = model.cfg
             optimizer = build_optimizer(model, for_stage(TrainConfig(stage="sft", model=cfg)))
             step_model = compile_model(model, cfg.lm.use_moe, False) if compiled else model
-            ids = torch.randint(4, cfg.lm.vocab_size, (batch_size, a.tokens))
-            ids[:, 2:2 + cfg.image_token_len] = cfg.image_token_id
-            labels = ids.clone()
-            labels[:, :a.tokens - 25] = IGNORE_INDEX
-            size = cfg.vision.image_size
-            batch = {"input_ids": ids, "labels": labels, "pixel_values": torch.randn(batch_size, 3, size, size)}
+            batch = step_batch(cfg, batch_size, a.tokens, 25 / a.tokens)
             precision = Precision.choose("fp32", cpu)
             began = time.perf_counter()
             train_step(step_model, [batch], optimizer, precision, 1.0, cpu)

@@ -54,6 +54,18 @@ def sample_shape(data: Path, tokenizer: Any, cfg: VLMConfig, n: int = 200) -> Sh
     return Shape(tokens / len(encoded), supervised / max(tokens, 1), (time.perf_counter() - began) / len(samples))
 
 
+def step_batch(cfg: VLMConfig, batch_size: int, seq_len: int, supervised: float) -> dict[str, torch.Tensor]:
+    """A training batch of random tokens in this shape: one image's slots near the start, the last `supervised`
+    share of each row's tokens labelled, random pixels."""
+    seq_len = max(seq_len, cfg.image_token_len + 4)
+    ids = torch.randint(4, cfg.lm.vocab_size, (batch_size, seq_len))
+    ids[:, 2:2 + cfg.image_token_len] = cfg.image_token_id
+    labels = ids.clone()
+    labels[:, :seq_len - max(1, round(supervised * seq_len))] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels,
+            "pixel_values": torch.randn(batch_size, 3, cfg.vision.image_size, cfg.vision.image_size)}
+
+
 def time_one_step(cfg: VLMConfig, batch_size: int, seq_len: int, supervised: float) -> float:
     """Seconds for one training step (the trainer's optimizer and train_step) of the real model on a batch of
     this shape, `supervised` of each row's tokens labelled."""
@@ -65,13 +77,7 @@ def time_one_step(cfg: VLMConfig, batch_size: int, seq_len: int, supervised: flo
     model = MiniMindVLM(cfg)
     model.train()
     optimizer = build_optimizer(model, for_stage(TrainConfig(stage="sft", model=cfg)))
-    seq_len = max(seq_len, cfg.image_token_len + 4)
-    ids = torch.randint(4, cfg.lm.vocab_size, (batch_size, seq_len))
-    ids[:, 2:2 + cfg.image_token_len] = cfg.image_token_id
-    labels = ids.clone()
-    labels[:, :seq_len - max(1, round(supervised * seq_len))] = IGNORE_INDEX
-    batch = {"input_ids": ids, "labels": labels,
-             "pixel_values": torch.randn(batch_size, 3, cfg.vision.image_size, cfg.vision.image_size)}
+    batch = step_batch(cfg, batch_size, seq_len, supervised)
     cpu = torch.device("cpu")
     precision = Precision.choose("fp32", cpu)
     train_step(model, [batch], optimizer, precision, 1.0, cpu)  # the first step allocates; time the next ones
