@@ -78,8 +78,6 @@ class Recipe:
     token from the first step."""
     compile: bool = False
     """torch.compile the training step (`train --compile`), one graph per padded width."""
-    length_buckets: int = 8
-    """With compile: the padded widths batches come in (`train --length-buckets`), each compiled once."""
     checkpoints: int = 3
     """Checkpoints evaluated for the curve (besides the final model)."""
     device: str = "cpu"
@@ -241,7 +239,7 @@ def train_world(data: Path, n_samples: int, run_dir: Path, model_cfg: Any, start
         batching="grouped", dtype=recipe.dtype, model=model_cfg))
     settings = RunSettings(data=str(data), out=str(run_dir), save_every=max(1, math.ceil(steps / recipe.checkpoints)),
                            keep_checkpoints=recipe.checkpoints + 1, log_every=10, device=recipe.device,
-                           compile=recipe.compile, length_buckets=recipe.length_buckets)
+                           compile=recipe.compile)
     began = time.perf_counter()
     train(cfg, start, settings, distributed.setup(recipe.device))
     wall = time.perf_counter() - began
