@@ -9,6 +9,7 @@ fast day") has the figures.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import sys
 from pathlib import Path
@@ -35,8 +36,13 @@ def kind(reference: str, prediction: str) -> str:
 
 
 def main() -> None:
-    run = Path(sys.argv[1])
-    _, items = evaluate(run / "model", run / "order" / "before" / "test.jsonl")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path, help="An OUT of scripts/quickstart_variant.py.")
+    run = p.parse_args().run
+    data = run / "order" / "before" / "test.jsonl"
+    if not (run / "model").is_dir() or not data.is_file():
+        sys.exit(f"{run}: not a quickstart_variant.py OUT (needs model/ and {data.relative_to(run)})")
+    _, items = evaluate(run / "model", data)
     asked: collections.Counter[tuple[str, str]] = collections.Counter()
     missed: collections.Counter[tuple[str, str, str]] = collections.Counter()
     for item in items:
