@@ -113,7 +113,7 @@ def test_with_lora_the_reference_is_the_base_model_with_its_adapter_off(pairs, t
     adapters.inject(model, adapters.lora_config(4, 8, ["q_proj", "v_proj", "down_proj"], 0.0))
     freezing.apply_policy(model, "llm", train_vision=True, uses_images=True, lora=True)
     starting = {n: p.detach().clone() for n, p in model.named_parameters()
-                if p.requires_grad and not adapters.is_lora_weight(n)}
+                if p.requires_grad and not adapters.is_adapter_weight(n)}
     with torch.no_grad():  # the adapter and the projector have moved since the start
         for name, p in model.named_parameters():
             if "lora_B" in name or name.startswith("projector."):

@@ -22,6 +22,7 @@ from minimind_v.data.tokenizer import load_tokenizer
 from minimind_v.infer.engine import Engine, SamplingParams
 from minimind_v.modeldir import MiniMindVLM, weights_to_save
 from minimind_v.train.config import LORA_TARGETS
+from minimind_v.train.lora import token_ids
 
 QUESTION = [{"role": "user", "content": "<image>\ndescribe the image"}]
 TEXT_ONLY = [{"role": "user", "content": "describe the image"}]
@@ -39,15 +40,22 @@ def world(tmp_path_factory):
     return out
 
 
+TOKEN_ROWS = [5, 9, 40]
+"""The embedding rows the test adapters retrain (and, tied, the output head's)."""
+
+
 def write_adapter(model_dir: Path, out: Path) -> Path:
-    """An adapter of `model_dir` on every target layer, its B drawn wide so that it changes the answers."""
+    """An adapter of `model_dir` on every target layer and TOKEN_ROWS, its B and rows drawn wide so that they
+    change the answers."""
     model = MiniMindVLM.from_pretrained(model_dir)
     torch.manual_seed(1)
-    adapters.inject(model, adapters.lora_config(4, 8, list(LORA_TARGETS), 0.0))
+    adapters.inject(model, adapters.lora_config(4, 8, list(LORA_TARGETS), 0.0, TOKEN_ROWS))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, 0.3)
+            elif "trainable_tokens_delta" in name:  # rows as wide as the embedding's own
+                param.normal_(0.0, 0.02)
     adapters.save_adapter(model, out, weights_to_save(model))
     return out
 
@@ -102,8 +110,26 @@ def test_the_adapter_is_in_peft_format(adapter_dir):
     assert (config.peft_type, config.r, config.lora_alpha, config.inference_mode) == ("LORA", 4, 8, True)
     keys = load_file(str(adapter_dir / "adapter_model.safetensors"))
     assert "base_model.model.lm.layers.0.attn.q_proj.lora_A.weight" in keys
+    rows = keys.pop("base_model.model.lm.embed_tokens.token_adapter.trainable_tokens_delta")
+    assert rows.shape[0] == len(TOKEN_ROWS) and config.trainable_token_indices == TOKEN_ROWS
     assert all(k.startswith("base_model.model.lm.layers.") for k in keys)  # never the tower's q_proj
     assert len(keys) == 2 * len(LORA_TARGETS) * 2  # A and B, every target, both layers
+
+
+def test_retrained_token_rows_change_the_embedding_and_the_head_alike(plain_model_dir, plain_adapter_dir, tmp_path):
+    merged_dir = tmp_path / "merged"
+    assert cli.main(["convert", "merge-lora", "--model", str(plain_model_dir), "--adapter", str(plain_adapter_dir),
+                     "--out", str(merged_dir)]) == 0
+    base, merged = (load_file(str(d / "model.safetensors")) for d in (plain_model_dir, merged_dir))
+    rows = load_file(str(plain_adapter_dir / "adapter_model.safetensors"))[
+        "base_model.model.lm.embed_tokens.token_adapter.trainable_tokens_delta"]
+    embed = "lm.embed_tokens.weight"
+    assert set(merged) == set(base)  # the head is still the embedding, saved once
+    assert torch.equal(merged[embed][TOKEN_ROWS], rows)
+    others = [i for i in range(base[embed].shape[0]) if i not in TOKEN_ROWS]
+    assert torch.equal(merged[embed][others], base[embed][others])
+    model = MiniMindVLM.from_pretrained(merged_dir)
+    assert model.lm.lm_head.weight is model.lm.embed_tokens.weight
 
 
 def test_merged_and_unmerged_give_the_same_logits(plain_model_dir, plain_adapter_dir, tmp_path):
@@ -176,14 +202,30 @@ def lora_train(world: Path, model_dir: Path, out: Path, *extra: str) -> int:
                      "--set", "warmup_steps=1000", *extra])
 
 
+LORA_WORDS = "red,square"
+"""--lora-tokens of the LoRA runs: words of the world, so their rows see gradients."""
+
+
 @pytest.fixture(scope="module")
 def lora_runs(world, tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("lora-runs")
     whole, resumed = root / "whole", root / "resumed"
-    assert lora_train(world, tiny_model_dir, whole, "--max-steps", "6") == 0
-    assert lora_train(world, tiny_model_dir, resumed, "--max-steps", "3") == 0
-    assert lora_train(world, tiny_model_dir, resumed, "--max-steps", "6", "--resume") == 0
+    tokens = ("--lora-tokens", LORA_WORDS)
+    assert lora_train(world, tiny_model_dir, whole, "--max-steps", "6", *tokens) == 0
+    assert lora_train(world, tiny_model_dir, resumed, "--max-steps", "3", *tokens) == 0
+    assert lora_train(world, tiny_model_dir, resumed, "--max-steps", "6", "--resume", *tokens) == 0
     return whole, resumed
+
+
+def test_lora_tokens_are_every_token_of_each_word_at_a_line_start_and_after_a_space(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    def spell(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    assert spell("red") != spell(" red")[-len(spell("red")):]  # byte-level BPE: two spellings, both needed
+    ids = token_ids(["red", "square"], tokenizer)
+    assert set(ids) == {t for text in ("red", " red", "square", " square") for t in spell(text)} - set(spell(" "))
+    assert ids == sorted(ids) and token_ids([], tokenizer) == []
 
 
 def test_a_lora_run_trains_the_adapter_and_the_projector_only(lora_runs, tiny_model_dir):
@@ -193,19 +235,35 @@ def test_a_lora_run_trains_the_adapter_and_the_projector_only(lora_runs, tiny_mo
     lora = sum(4 * (layer.attn.q_proj.in_features + layer.attn.q_proj.out_features
                     + layer.attn.v_proj.in_features + layer.attn.v_proj.out_features) for layer in layers)
     projector = sum(p.numel() for p in base.projector.parameters())
+    rows = token_ids(LORA_WORDS.split(","), load_tokenizer(tiny_model_dir))
+    row_params = len(rows) * base.lm.embed_tokens.weight.shape[1]
     log = (whole / "train.log").read_text()
-    assert f"{lora + projector:,} trainable (freeze=llm, LoRA rank 4 alpha 8 on q_proj,v_proj)" in log
+    assert (f"{lora + projector + row_params:,} trainable (freeze=llm, LoRA rank 4 alpha 8 on q_proj,v_proj and "
+            f"the embedding rows of {LORA_WORDS})") in log
     saved = load_file(str(whole / "checkpoints" / "step-00000006" / "trainable.safetensors"))
-    assert sum(t.numel() for t in saved.values()) == lora + projector
+    assert sum(t.numel() for t in saved.values()) == lora + projector + row_params
     assert {k for k in saved if not k.startswith("projector.")} == {
         f"lm.layers.{i}.attn.{name}.{ab}.default.weight" for i in range(len(layers)) for name in ("q_proj", "v_proj")
-        for ab in ("lora_A", "lora_B")}
-    # OUT/model: the frozen LLM as it was, the projector trained, the adapter in adapter/.
+        for ab in ("lora_A", "lora_B")} | {"lm.embed_tokens.token_adapter.trainable_tokens_delta.default"}
+    # OUT/model: the frozen LLM as it was, the projector trained, the adapter (and its rows) in adapter/.
     before, after = weights_to_save(base), load_file(str(whole / "model" / "model.safetensors"))
     assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("lm."))
     assert not torch.equal(after["projector.net.1.weight"], before["projector.net.1.weight"])
     trained = load_file(str(whole / "model" / "adapter" / "adapter_model.safetensors"))
     assert all(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)  # B left zero: it learned
+    learned = trained["base_model.model.lm.embed_tokens.token_adapter.trainable_tokens_delta"]
+    assert not torch.equal(learned, before["lm.embed_tokens.weight"][rows])
+
+
+def test_under_freeze_adapter_only_the_adapter_learns(world, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert lora_train(world, tiny_model_dir, out, "--max-steps", "2", "--freeze", "adapter") == 0
+    base = MiniMindVLM.from_pretrained(tiny_model_dir)
+    lora = sum(4 * (layer.attn.q_proj.in_features + layer.attn.q_proj.out_features
+                    + layer.attn.v_proj.in_features + layer.attn.v_proj.out_features) for layer in base.lm.layers)
+    assert f"{lora:,} trainable (freeze=adapter, LoRA rank 4" in (out / "train.log").read_text()
+    before, after = weights_to_save(base), load_file(str(out / "model" / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_killed_resumed_and_merged_equals_the_uninterrupted_run(lora_runs, tmp_path):
@@ -316,7 +374,11 @@ def test_exporting_a_plain_model_leaves_no_adapter_behind(tiny_model_dir, export
 
 def test_lora_flags_no_run_can_use_are_refused(world, tiny_model_dir, tmp_path, capsys):
     for flags, reason in ((["--lora-targets", "q_proj,wq"], "--lora-targets 'q_proj,wq': expected some of q_proj"),
-                          (["--lora-dropout", "1"], "--lora-dropout 1.0: must be at least 0 and below 1")):
+                          (["--lora-dropout", "1"], "--lora-dropout 1.0: must be at least 0 and below 1"),
+                          (["--lora-rank", "0", "--lora-tokens", "red"], "--lora-tokens 'red': retrains embedding "
+                                                                         "rows of a LoRA adapter; give --lora-rank"),
+                          (["--lora-rank", "0", "--freeze", "adapter"], "--freeze adapter: trains a LoRA adapter "
+                                                                        "alone; give --lora-rank")):
         capsys.readouterr()
         assert lora_train(world, tiny_model_dir, tmp_path / "run", *flags) == 2
         assert reason in capsys.readouterr().err

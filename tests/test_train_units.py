@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from minimind_v import adapters
 from minimind_v.data.batching import BatchPlan
 from minimind_v.model.config import LMConfig, VisionConfig, VLMConfig
 from minimind_v.model.vlm import MiniMindVLM
@@ -102,7 +103,14 @@ def test_no_weight_decay_on_norms_biases_embeddings_and_no_frozen_params():
 @pytest.mark.parametrize("policy", freezing.POLICIES)
 def test_frozen_weights_do_not_move(policy):
     model = tiny_vlm()
-    freezing.apply_policy(model, policy, train_vision=False, uses_images=True)
+    lora = policy == "adapter"  # the policy of a LoRA run alone
+    if lora:
+        adapters.inject(model, adapters.lora_config(2, 4, ["q_proj"], 0.0, [1, 2]))
+        with torch.no_grad():  # B starts at zero, so A would get no gradient in the first step
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.1)
+    freezing.apply_policy(model, policy, train_vision=False, uses_images=True, lora=lora)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = optim.build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
     for seed in range(2):
@@ -111,7 +119,9 @@ def test_frozen_weights_do_not_move(policy):
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert moved == trainable  # every trainable weight moves, nothing else does
-    expect = {"projector": ("projector.",), "projector+ends": ("projector.", "lm.layers.0.", "lm.layers.2."),
+    expect = {"adapter": ("lm.embed_tokens.token_adapter.trainable_tokens_delta", "lm.layers.0.attn.q_proj.lora_",
+                          "lm.layers.1.attn.q_proj.lora_", "lm.layers.2.attn.q_proj.lora_"),
+              "projector": ("projector.",), "projector+ends": ("projector.", "lm.layers.0.", "lm.layers.2."),
               "llm": ("projector.", "lm."), "all": ("projector.", "lm.", "vision.")}[policy]
     assert trainable == {n for n in before if n.startswith(expect) and "post_layernorm" not in n}
 

@@ -1,14 +1,19 @@
 """LoRA adapters in peft's own format: what `train --lora-rank` writes to OUT/model/adapter/, what `--adapter DIR`
 reads, what `convert merge-lora` folds into the weights.
 
-    adapter_config.json          peft's LoraConfig; target_modules a regex over the model's module names
+    adapter_config.json          peft's LoraConfig; target_modules a regex over the model's module names;
+                                 trainable_token_indices the token ids whose embedding rows it retrains, if any
     adapter_model.safetensors    the adapter's weights under PeftModel.save_pretrained's names
-                                 (base_model.model.<module>.lora_A.weight); its metadata holds the sha256 of the
-                                 base weights it was trained on (model.safetensors beside it)
+                                 (base_model.model.<module>.lora_A.weight; the retrained rows in
+                                 base_model.model.lm.embed_tokens.token_adapter.trainable_tokens_delta); its
+                                 metadata holds the sha256 of the base weights it was trained on
 
 Inside minimind-v the adapter is injected into the model in place (peft's inject_adapter_in_model), so the model
 stays a MiniMindVLM with its own methods. Our module names are the export-hf model's, so the same directory
 loads with `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(export, ...), adapter_dir)`.
+Retrained token rows are for words the base never learned (a new skill's answers): an adapter alone cannot
+write a token whose embedding row never trained. The output head is the embedding (tied), so the rows change in
+both; MiniMindVLM tells peft so (its _tied_weights_keys, get_input_embeddings and config).
 peft is imported only when an adapter is built or read.
 """
 
@@ -36,14 +41,15 @@ BASE_SHA256 = "minimind_v_base_sha256"
 """The metadata key of the base weights' fingerprint (peft ignores metadata it does not know)."""
 
 
-def lora_config(rank: int, alpha: int, targets: list[str], dropout: float) -> Any:
+def lora_config(rank: int, alpha: int, targets: list[str], dropout: float, token_ids: list[int] | None = None) -> Any:
     """A LoraConfig wrapping the named linear layers of every block of the language model (lm.layers.N...),
-    never the tower's or the projector's layers of the same name."""
+    never the tower's or the projector's layers of the same name; `token_ids`: embedding rows it also retrains."""
     from peft import LoraConfig
 
     names = "|".join(re.escape(t) for t in targets)
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
-                      target_modules=rf"lm\.layers\.\d+\.(.+\.)?({names})")
+                      target_modules=rf"lm\.layers\.\d+\.(.+\.)?({names})",
+                      trainable_token_indices=sorted(set(token_ids)) if token_ids else None)
 
 
 def inject(model: nn.Module, config: Any) -> None:
@@ -58,15 +64,18 @@ def has_adapter(model: nn.Module) -> bool:
     return getattr(model, "peft_config", None) is not None
 
 
-def is_lora_weight(name: str) -> bool:
-    """A parameter of a LoRA adapter (peft names them lora_A, lora_B, ...), not of the layer it wraps."""
-    return ".lora_" in f".{name}"
+def is_adapter_weight(name: str) -> bool:
+    """A tensor of an adapter (peft's lora_A, lora_B, ..., and its retrained token rows, trainable_tokens_delta),
+    not of the layer it wraps."""
+    return ".lora_" in f".{name}" or ".trainable_tokens_" in name
 
 
 def base_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict of a model carrying an adapter as the plain model's: each wrapped layer's weights under its
-    own name (peft keeps them in `base_layer`), the adapter's left out."""
-    return {k.replace(".base_layer.", "."): v for k, v in state.items() if not is_lora_weight(k)}
+    own name (peft keeps them in `base_layer`, an embedding with retrained rows in `token_adapter.base_layer`),
+    the adapter's left out."""
+    return {k.replace(".token_adapter.base_layer.", ".").replace(".base_layer.", "."): v for k, v in state.items()
+            if not is_adapter_weight(k)}
 
 
 def fingerprint(weights: dict[str, torch.Tensor]) -> str:
@@ -155,10 +164,17 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: Path)
 def merge(model: nn.Module) -> None:
     """Fold the adapter into the weights it wraps and take its layers out: the plain model, the same function."""
     from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import TrainableTokensWrapper
 
     for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer):
+        if isinstance(module, TrainableTokensWrapper):  # the retrained rows; the head's share the embedding's
+            module.token_adapter.merge()
+            plain: nn.Module = module.token_adapter.get_base_layer()
+        elif isinstance(module, BaseTunerLayer) and not name.endswith(".token_adapter"):
             module.merge()
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.get_base_layer())
+            plain = module.get_base_layer()
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, plain)
     del model.peft_config

@@ -18,6 +18,10 @@ from minimind_v.model.vision import VisionTower
 
 
 class MiniMindVLM(nn.Module):
+    _tied_weights_keys = {"lm.lm_head.weight": "lm.embed_tokens.weight"}
+    """What peft reads (with get_input_embeddings and config) to give the output head the embedding rows a LoRA
+    adapter trains (adapters.lora_config's token_ids): the head is the embedding, tied."""
+
     def __init__(self, cfg: VLMConfig, vision: VisionTower | None = None):
         """Random language model and projector; the tower is `vision` if given, else built from cfg.vision."""
         super().__init__()
@@ -25,6 +29,14 @@ class MiniMindVLM(nn.Module):
         self.vision = vision if vision is not None else VisionTower(cfg.vision)
         self.projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.lm.hidden_size)
         self.lm = MiniMindLM(cfg.lm)
+
+    @property
+    def config(self) -> dict[str, object]:
+        """The one fact of a Hugging Face config peft asks a model for: its output head is its embedding."""
+        return {"tie_word_embeddings": True}
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.lm.embed_tokens
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """(N, 3, H, W) or (B, N, 3, H, W) -> patch features (N_total, n_patches, vision_dim)."""

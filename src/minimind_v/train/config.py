@@ -41,6 +41,10 @@ class LoraSettings:
     """Comma-separated LLM layers the adapter wraps, in every block (and every MoE expert)."""
     lora_dropout: float = 0.0
     """Dropout on the adapter's input."""
+    lora_tokens: str = ""
+    """Comma-separated words whose embedding rows also learn (every token of each, as written at a line's start and
+    after a space; the output head's rows with them, tied): for answers in words the base model never learned to
+    write, which the low-rank layers alone cannot."""
 
 
 @dataclass
@@ -66,8 +70,9 @@ class TrainConfig:
     epochs: int | None = None
     """Passes over the data (default: the stage's)."""
     freeze: Policy | None = None
-    """What learns (default: the stage's): projector | projector+ends (+ first and last LLM blocks) | llm
-    (+ projector) | all (+ vision tower); train/freezing.py applies them."""
+    """What learns (default: the stage's): adapter (a LoRA adapter alone, the projector frozen too) | projector |
+    projector+ends (+ first and last LLM blocks) | llm (+ projector) | all (+ vision tower); train/freezing.py
+    applies them."""
     accumulation_steps: int = 1
     """Micro-batches per optimizer step; the loss is normalised over all their supervised tokens."""
     max_steps: int | None = None
@@ -105,7 +110,7 @@ class TrainConfig:
     """The 3v recipe's random edits of training conversations (--system-prompt-ratio, --drop-empty-think-ratio)."""
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"inline": True})
     """LoRA instead of training the language model's weights (--lora-rank, --lora-alpha, --lora-targets,
-    --lora-dropout)."""
+    --lora-dropout, --lora-tokens)."""
     dpo_beta: float = 0.1
     """DPO's beta: an answer's reward is beta times its log-probability gain over the starting model; larger keeps
     the model closer to where it started."""
@@ -171,6 +176,8 @@ def check(cfg: TrainConfig) -> None:
     if not 0 <= cfg.max_bad_fraction <= 1:
         raise UserError(f"--max-bad-fraction {cfg.max_bad_fraction}: must be between 0 and 1")
     check_lora(cfg.lora)
+    if cfg.freeze == "adapter" and cfg.lora.lora_rank == 0:
+        raise UserError("--freeze adapter: trains a LoRA adapter alone; give --lora-rank")
     if cfg.dpo_beta <= 0:
         raise UserError(f"--dpo-beta {cfg.dpo_beta}: must be positive")
     if cfg.dpo_sft_weight < 0:
@@ -189,6 +196,9 @@ def check_lora(lora: LoraSettings) -> None:
         raise UserError(f"--lora-alpha {lora.lora_alpha}: must be positive")
     if not 0 <= lora.lora_dropout < 1:
         raise UserError(f"--lora-dropout {lora.lora_dropout}: must be at least 0 and below 1")
+    if lora.lora_tokens.strip() and lora.lora_rank == 0:
+        raise UserError(f"--lora-tokens {lora.lora_tokens!r}: retrains embedding rows of a LoRA adapter; give "
+                        f"--lora-rank too")
     unknown = [t for t in lora_targets(lora) if t not in LORA_TARGETS]
     if unknown or not lora_targets(lora):
         raise UserError(f"--lora-targets {lora.lora_targets!r}: expected some of {', '.join(LORA_TARGETS)}")
@@ -196,6 +206,10 @@ def check_lora(lora: LoraSettings) -> None:
 
 def lora_targets(lora: LoraSettings) -> list[str]:
     return [name.strip() for name in lora.lora_targets.split(",") if name.strip()]
+
+
+def lora_words(lora: LoraSettings) -> list[str]:
+    return [word.strip() for word in lora.lora_tokens.split(",") if word.strip()]
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:

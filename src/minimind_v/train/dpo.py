@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from minimind_v.adapters import has_adapter, is_lora_weight
+from minimind_v.adapters import has_adapter, is_adapter_weight
 from minimind_v.constants import IGNORE_INDEX
 from minimind_v.train import build, distributed
 from minimind_v.train.run import Run
@@ -108,7 +108,7 @@ class Reference:
 def starting_values(run: Run, resumed: bool) -> dict[str, torch.Tensor]:
     """Every weight of the run's model that learns (LoRA's left out: switched off instead), at its starting value:
     the model's own before its first step, else rebuilt from the start (--from) as set_up first built it."""
-    learns = [name for name, p in run.model.named_parameters() if p.requires_grad and not is_lora_weight(name)]
+    learns = [name for name, p in run.model.named_parameters() if p.requires_grad and not is_adapter_weight(name)]
     params = dict(run.model.named_parameters())
     if not resumed:
         return {name: params[name].detach().clone() for name in learns}

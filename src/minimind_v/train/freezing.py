@@ -12,11 +12,12 @@ from typing import Literal, get_args
 
 from torch import nn
 
-from minimind_v.adapters import is_lora_weight
+from minimind_v.adapters import is_adapter_weight
 
-Policy = Literal["projector", "projector+ends", "llm", "all"]
-"""projector: the projector alone; projector+ends: also the first and last LLM blocks (embeddings, head and
-final norm stay frozen); llm: the whole LLM and the projector; all: also the vision tower."""
+Policy = Literal["adapter", "projector", "projector+ends", "llm", "all"]
+"""adapter: a LoRA adapter alone (the projector frozen too); projector: the projector alone; projector+ends:
+also the first and last LLM blocks (embeddings, head and final norm stay frozen); llm: the whole LLM and the
+projector; all: also the vision tower."""
 POLICIES: tuple[str, ...] = get_args(Policy)
 
 
@@ -37,7 +38,7 @@ def apply_policy(model: nn.Module, policy: str, train_vision: bool, uses_images:
     if policy not in POLICIES:
         raise ValueError(f"unknown freezing policy {policy!r} (known: {', '.join(POLICIES)})")
     _set(model, False)
-    _set(model.projector, True)
+    _set(model.projector, policy != "adapter")
     if policy == "projector+ends":
         _set(model.lm.layers[0], True)
         _set(model.lm.layers[-1], True)
@@ -49,7 +50,7 @@ def apply_policy(model: nn.Module, policy: str, train_vision: bool, uses_images:
     _set(model.vision, vision_learns)
     if lora:
         for name, param in model.lm.named_parameters():
-            param.requires_grad_(is_lora_weight(name))
+            param.requires_grad_(is_adapter_weight(name))
     # A weight the features never reach gets no gradient: trainable, it would break DDP and waste optimizer state.
     for param in model.vision.unused_by_features():
         param.requires_grad_(False)

@@ -12,15 +12,26 @@ from typing import Any
 from torch import nn
 
 from minimind_v import adapters
-from minimind_v.train.config import TrainConfig, lora_targets
+from minimind_v.train.config import TrainConfig, lora_targets, lora_words
 
 
-def add_adapter(model: nn.Module, cfg: TrainConfig) -> None:
+def add_adapter(model: nn.Module, cfg: TrainConfig, tokenizer: Any) -> None:
     """Inject the config's adapter (none at rank 0); its A matrices are drawn from torch's seeded generator."""
     lora = cfg.lora
     if lora.lora_rank > 0:
         adapters.inject(model, adapters.lora_config(lora.lora_rank, lora.lora_alpha, lora_targets(lora),
-                                                    lora.lora_dropout))
+                                                    lora.lora_dropout, token_ids(lora_words(lora), tokenizer)))
+
+
+def token_ids(words: list[str], tokenizer: Any) -> list[int]:
+    """Every token a word is written in, at a line's start and after a space (byte-level BPE spells the two
+    differently), the space's own token left out: the rows `--lora-tokens` retrains, sorted."""
+    space = set(tokenizer.encode(" ", add_special_tokens=False))
+    found: set[int] = set()
+    for word in words:
+        found.update(tokenizer.encode(word, add_special_tokens=False))
+        found.update(set(tokenizer.encode(" " + word, add_special_tokens=False)) - space)
+    return sorted(found)
 
 
 def uses_lora(config: dict[str, Any]) -> bool:
@@ -33,4 +44,5 @@ def describe(cfg: TrainConfig) -> str:
     lora = cfg.lora
     if lora.lora_rank == 0:
         return ""
-    return f", LoRA rank {lora.lora_rank} alpha {lora.lora_alpha} on {','.join(lora_targets(lora))}"
+    rows = f" and the embedding rows of {','.join(lora_words(lora))}" if lora_words(lora) else ""
+    return f", LoRA rank {lora.lora_rank} alpha {lora.lora_alpha} on {','.join(lora_targets(lora))}{rows}"

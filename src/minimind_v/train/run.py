@@ -83,7 +83,7 @@ def set_up(cfg: TrainConfig, start: build.Start, settings: RunSettings, info: Di
     model, notes = build.build_model(start, cfg.model)
     for note in notes:
         say(f"--from {start.path}: {note}")
-    lora.add_adapter(model, cfg)
+    lora.add_adapter(model, cfg, start.tokenizer)
     uses_images = get_stage(cfg.stage).uses_images
     freezing.apply_policy(model, cfg.freeze, train_vision=not cfg.model.vision.freeze, uses_images=uses_images,
                           lora=cfg.lora.lora_rank > 0)
