@@ -23,7 +23,7 @@ from minimind_v.data.tokenizer import load_tokenizer
 from minimind_v.errors import UserError
 from minimind_v.evaluate import long_types, read_items
 
-EN_ZH = {"first": "第一张", "second": "第二张", "neither": "一样多", "yes": "是", "no": "否", **ZH}
+EN_ZH = {"first": "第一张", "second": "第二张", "neither": "一样多", "same": "相同", "yes": "是", "no": "否", **ZH}
 SHORT_TYPE = {"color": "color", "position": "position", "absent": "exist"}
 
 
@@ -119,12 +119,14 @@ def _multi_oracle(question, scenes, lang):
         return _keyed(lang, _join(lang, [_w(lang, "yes" if f else "no") for f in found]),
                       _w(lang, "yes" if all(found) else "no"))
     if question == ("What changed between the images?" if en else "两张图片之间有什么变化？"):
-        return _keyed(lang, *_the_change(scenes, lang))
+        cell, what = _the_change(scenes, lang)  # after every cell before it, in reading order, said the same
+        steps = [_keyed(lang, CELLS[lang][c], _w(lang, "same")) for c in range(cell)]
+        return ("；" if lang == "zh" else "; ").join([*steps, _keyed(lang, CELLS[lang][cell], what)])
     return None
 
 
 def _the_change(scenes, lang):
-    """(where, what) of the one cell in which the two scenes differ."""
+    """(the cell, what) of the one cell in which the two scenes differ."""
     a, b = ({_cell(o): o for o in scene} for scene in scenes)
     (cell,) = [c for c in range(9) if a.get(c) != b.get(c)]
     name = lambda o: f"{o['color']} {o['shape']}" if lang == "en" else ZH[o["color"]] + ZH[o["shape"]]  # noqa: E731
@@ -136,7 +138,7 @@ def _the_change(scenes, lang):
         assert {k for k in a[cell] if a[cell][k] != b[cell][k]} == {"color"}
         new = _w(lang, b[cell]["color"])
         what = f"{name(a[cell])} turned {new}" if lang == "en" else f"{name(a[cell])}变成{new}"
-    return CELLS[lang][cell], what
+    return cell, what
 
 
 def _verdict(lang, qtype, answer):
@@ -161,7 +163,8 @@ def test_every_two_image_answer_is_true_of_both_scenes(tmp_path, lang):
         assert _multi_oracle(question, record["scenes"], lang) == answer, record
         if record["type"] != "more":  # the second scene is the first with one change
             _the_change(record["scenes"], lang)
-        assert not answer.endswith((".", "。")) and len(answer.split()) <= 6
+        last_step = answer.split("；" if lang == "zh" else "; ")[-1]
+        assert not answer.endswith((".", "。")) and len(last_step.split()) <= 6
         verdicts[record["type"], _verdict(lang, record["type"], answer)] += 1
     assert set(verdicts) == {("more", _w(lang, v)) for v in ("first", "second", "neither")} | \
         {("both", _w(lang, v)) for v in ("yes", "no")} | {("change", k) for k in ("added", "removed", "recolored")}

@@ -64,11 +64,11 @@ TWO_IMAGES: dict[str, dict[str, str]] = {
     # Questions over two images (multi.py) and the words of their answers.
     "en": {"more_shape": "Which image has more {shape}s?", "more_color": "Which image has more {color} objects?",
            "both": "Is the {color} {shape} in both images?", "change": "What changed between the images?",
-           "first": "first", "second": "second", "neither": "neither",
+           "first": "first", "second": "second", "neither": "neither", "same": "same",
            "added": "added {obj}", "removed": "removed {obj}", "recolored": "{obj} turned {color}"},
     "zh": {"more_shape": "哪张图片里的{shape}更多？", "more_color": "哪张图片里的{color}物体更多？",
            "both": "两张图片里都有{color}{shape}吗？", "change": "两张图片之间有什么变化？",
-           "first": "第一张", "second": "第二张", "neither": "一样多",
+           "first": "第一张", "second": "第二张", "neither": "一样多", "same": "相同",
            "added": "新增{obj}", "removed": "移除{obj}", "recolored": "{obj}变成{color}"},
 }
 

@@ -4,20 +4,23 @@
             in each image, then the verdict (first, second or neither; 第一张, 第二张 or 一样多), about a shape
             or colour at least one of the images has
     both    "Is the blue square in both images?" -> "yes, no: no": in the first?, in the second?, the verdict
-    change  "What changed between the images?" -> where, then what: "top left: added red circle",
-            "top left: removed red circle" or "top left: red circle turned blue"
-            (左上：新增红色圆形, 左上：移除红色圆形, 左上：红色圆形变成蓝色)
+    change  "What changed between the images?" -> the cells in reading order, each "same" until the one that
+            changed, then what: "top left: same; top: added red circle", "top left: removed red circle" or
+            "top left: same; top: same; top right: red circle turned blue"
+            (左上：相同；上方：新增红色圆形, 左上：移除红色圆形, 左上：红色圆形变成蓝色)
 
 Like the relations, each answer says what it found in each image before the verdict (docs/experiments.md: a
-bare verdict needs both lookups and the comparison inside one token). For `more` the second scene is drawn
-on its own, so the counts compared are any two; for `both` and `change` it is the first scene with one
+bare verdict needs both lookups and the comparison inside one token);
+the change's scan makes each step one cell's two lookups ("where" in one token was right a third of the time:
+docs/experiments.md, "A two-image skill by LoRA"). For `more` the second scene is drawn on its own, so the counts
+compared are any two; for `both` and `change` it is the first scene with one
 change: an object added (to a scene of fewer than MAX_OBJECTS), removed (from one of two or more) or
 recoloured. Both scenes belong to the split asked for.
 
 A jsonl record (two images in OUT/images/, in the order of the markers):
 
     {"conversations": [{"role": "user", "content": "<image>\\n<image>\\nWhat changed between the images?"},
-                       {"role": "assistant", "content": "top left: added red circle"}],
+                       {"role": "assistant", "content": "top left: same; top: added red circle"}],
      "type": "change", "types": ["change"], "lang": "en", "scenes": [[...first...], [...second...]],
      "image": "train_000000_0.png, train_000000_1.png"}
 
@@ -117,7 +120,10 @@ def _ask_change(change: Change, lang: str) -> tuple[str, str]:
     assert obj is not None
     color = WORDS[lang][after.color] if after is not None else ""
     what = TWO_IMAGES[lang][kind].format(obj=noun_phrase(obj, lang), color=color)
-    return TWO_IMAGES[lang]["change"], keyed(POSITIONS[lang][obj.cell], what, lang)
+    words = TWO_IMAGES[lang]
+    scan = [keyed(POSITIONS[lang][cell], words["same"], lang) for cell in range(obj.cell)]
+    found = keyed(POSITIONS[lang][obj.cell], what, lang)
+    return words["change"], ("；" if lang == "zh" else "; ").join([*scan, found])
 
 
 def make_multi(seed: int, split: str, index: int, lang: str = "en", image_size: int = 48,
