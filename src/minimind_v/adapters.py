@@ -43,13 +43,14 @@ BASE_SHA256 = "minimind_v_base_sha256"
 
 def lora_config(rank: int, alpha: int, targets: list[str], dropout: float, token_ids: list[int] | None = None) -> Any:
     """A LoraConfig wrapping the named linear layers of every block of the language model (lm.layers.N...),
-    never the tower's or the projector's layers of the same name; `token_ids`: embedding rows it also retrains."""
+    never the tower's or the projector's layers of the same name; `token_ids`: embedding rows it also retrains
+    (distinct ids, as train/lora.token_ids gives them)."""
     from peft import LoraConfig
 
     names = "|".join(re.escape(t) for t in targets)
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
                       target_modules=rf"lm\.layers\.\d+\.(.+\.)?({names})",
-                      trainable_token_indices=sorted(set(token_ids)) if token_ids else None)
+                      trainable_token_indices=list(token_ids) if token_ids else None)
 
 
 def inject(model: nn.Module, config: Any) -> None:

@@ -196,7 +196,7 @@ def check_lora(lora: LoraSettings) -> None:
         raise UserError(f"--lora-alpha {lora.lora_alpha}: must be positive")
     if not 0 <= lora.lora_dropout < 1:
         raise UserError(f"--lora-dropout {lora.lora_dropout}: must be at least 0 and below 1")
-    if lora.lora_tokens.strip() and lora.lora_rank == 0:
+    if lora_words(lora) and lora.lora_rank == 0:
         raise UserError(f"--lora-tokens {lora.lora_tokens!r}: retrains embedding rows of a LoRA adapter; give "
                         f"--lora-rank too")
     unknown = [t for t in lora_targets(lora) if t not in LORA_TARGETS]
@@ -205,11 +205,15 @@ def check_lora(lora: LoraSettings) -> None:
 
 
 def lora_targets(lora: LoraSettings) -> list[str]:
-    return [name.strip() for name in lora.lora_targets.split(",") if name.strip()]
+    return _comma_list(lora.lora_targets)
 
 
 def lora_words(lora: LoraSettings) -> list[str]:
-    return [word.strip() for word in lora.lora_tokens.split(",") if word.strip()]
+    return _comma_list(lora.lora_tokens)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:

@@ -97,7 +97,12 @@ def keyed(key: str, value: str, lang: str) -> str:
     return f"{key}：{value}" if lang == "zh" else f"{key}: {value}"
 
 
+def steps(parts: list[str], lang: str) -> str:
+    """An answer's keyed parts one after another: "top left: ...; top: ..." ("；" in Chinese)."""
+    return ("；" if lang == "zh" else "; ").join(parts)
+
+
 def describe(scene: Scene, lang: str) -> str:
     """The canonical description: every object in reading order as "position: size colour shape"."""
     parts = [keyed(POSITIONS[lang][o.cell], noun_phrase(o, lang, True), lang) for o in scene]
-    return "；".join(parts) + "。" if lang == "zh" else "; ".join(parts) + "."
+    return steps(parts, lang) + ("。" if lang == "zh" else ".")

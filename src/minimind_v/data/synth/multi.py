@@ -10,11 +10,10 @@
             (左上：相同；上方：新增红色圆形, 左上：移除红色圆形, 左上：红色圆形变成蓝色)
 
 Like the relations, each answer says what it found in each image before the verdict (docs/experiments.md: a
-bare verdict needs both lookups and the comparison inside one token);
-the change's scan makes each step one cell's two lookups ("where" in one token was right a third of the time:
-docs/experiments.md, "A two-image skill by LoRA"). For `more` the second scene is drawn on its own, so the counts
-compared are any two; for `both` and `change` it is the first scene with one
-change: an object added (to a scene of fewer than MAX_OBJECTS), removed (from one of two or more) or
+bare verdict needs both lookups and the comparison inside one token); the change's scan makes each step one
+cell's two lookups ("where" in one token was right a third of the time: docs/experiments.md, "A two-image skill
+by LoRA"). For `more` the second scene is drawn on its own, so the counts compared are any two; for `both` and
+`change` it is the first scene with one change: an object added (to a scene of fewer than MAX_OBJECTS), removed (from one of two or more) or
 recoloured. Both scenes belong to the split asked for.
 
 A jsonl record (two images in OUT/images/, in the order of the markers):
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from minimind_v.data.synth.draw import draw_scene
-from minimind_v.data.synth.language import POSITIONS, TWO_IMAGES, WORDS, keyed, listing, noun_phrase
+from minimind_v.data.synth.language import POSITIONS, TWO_IMAGES, WORDS, keyed, listing, noun_phrase, steps
 from minimind_v.data.synth.samples import first_turn, image_after, pick_language
 from minimind_v.data.synth.world import (COLORS, GRID, MAX_OBJECTS, SHAPES, SIZES, Scene, SceneObject, edited,
                                          empty_cells, sample_scene, split_of)
@@ -118,12 +117,11 @@ def _ask_change(change: Change, lang: str) -> tuple[str, str]:
     kind, before, after = change
     obj = before if before is not None else after
     assert obj is not None
-    color = WORDS[lang][after.color] if after is not None else ""
-    what = TWO_IMAGES[lang][kind].format(obj=noun_phrase(obj, lang), color=color)
     words = TWO_IMAGES[lang]
+    color = WORDS[lang][after.color] if after is not None else ""
+    what = words[kind].format(obj=noun_phrase(obj, lang), color=color)
     scan = [keyed(POSITIONS[lang][cell], words["same"], lang) for cell in range(obj.cell)]
-    found = keyed(POSITIONS[lang][obj.cell], what, lang)
-    return words["change"], ("；" if lang == "zh" else "; ").join([*scan, found])
+    return words["change"], steps([*scan, keyed(POSITIONS[lang][obj.cell], what, lang)], lang)
 
 
 def make_multi(seed: int, split: str, index: int, lang: str = "en", image_size: int = 48,
