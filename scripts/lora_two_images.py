@@ -14,6 +14,10 @@ issue #22's conditions hold, and how many of the two-image answers' tokens the b
 (their embedding rows never learned: `--tokens` retrains them, the adapter's layers alone cannot write them).
 
     python scripts/lora_two_images.py runs/lora2 [--minutes 5] [--rank 8] [--lr 2e-3] [--seed 0] [--threads 1]
+    python scripts/lora_two_images.py runs/lora3 --steps 4000 --threads 1 --minutes 90 [--qa-n 2000]
+
+Issue #22's condition is the first form (a time budget, alone on the machine); the second compares settings at
+a fixed step count, so that two runs can share the cores without the machine deciding how far each gets.
 
 The defaults are the run docs/experiments.md reports: rank 8 on all seven targets, the adapter alone
 (--freeze adapter), and the rows of NEW_WORDS.
@@ -160,6 +164,11 @@ def new_tokens(tokenizer_json: Path, new: Path, old: Path) -> dict[str, Any]:
             "base_data": str(old)}
 
 
+def suffix(setting: str) -> str:
+    """A data directory's suffix for a non-default setting ("" for the default "")."""
+    return "_" + hashlib.sha1(setting.encode()).hexdigest()[:8] if setting else ""
+
+
 def multi_scores(report: dict[str, Any]) -> dict[str, float]:
     scores = {"overall": report["exact_match"]}
     scores.update({t: report["by_type"][t]["exact_match"] for t in MULTI_TYPES if t in report["by_type"]})
@@ -192,6 +201,9 @@ def main() -> None:
                    help="Budget of the whole `train` command (set-up, feature encoding and saving included).")
     p.add_argument("--setup-minutes", type=float, default=0.9,
                    help="Kept out of --minutes for what train does outside its loop: --max-minutes is the rest.")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Stop at this many steps instead (the schedule spans them; --minutes then only caps the run), "
+                        "for comparing settings on a shared machine.")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default: train's, 2 x rank).")
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
@@ -211,6 +223,8 @@ def main() -> None:
     p.add_argument("--qa-type-weights", default=QUICKSTART_WEIGHTS + ",describe=6",
                    help="synth --type-weights of the mixed-in single-image questions (default: the quickstart's, "
                         "descriptions 6 times as often: they are what a two-image run forgets first).")
+    p.add_argument("--multi-weights", default="",
+                   help="synth --type-weights of the two-image training questions (default: the three alike).")
     p.add_argument("--multi-test-n", type=int, default=1000, help="Held-out two-image questions.")
     p.add_argument("--val-n", type=int, default=0,
                    help="Also log a validation loss on the first N held-out two-image questions (every --eval-every "
@@ -244,16 +258,17 @@ def main() -> None:
 
     # The data, in the quickstart's world and image size; the two-image training seed differs from the test's.
     world = ["--lang", "mix", "--image-size", image_size]
-    multi_train = synth(data_dir, f"multi_train_s{a.seed}_{a.multi_n}",
-                        ["--n", str(a.multi_n), "--kind", "multi", "--seed", str(1000 + a.seed), *world], logs, env)
+    mix_of = ["--type-weights", a.multi_weights] if a.multi_weights else []
+    multi_train = synth(data_dir, f"multi_train_s{a.seed}_{a.multi_n}{suffix(a.multi_weights)}",
+                        ["--n", str(a.multi_n), "--kind", "multi", "--seed", str(1000 + a.seed), *mix_of, *world],
+                        logs, env)
     multi_test = synth(data_dir, f"multi_test_{a.multi_test_n}",
                        ["--n", str(a.multi_test_n), "--kind", "multi", "--split", "test", "--seed", "7", *world],
                        logs, env)
     qa_test = synth(data_dir, "qa_test", [*QA_TEST, "--image-size", image_size], logs, env)
     parts = [(multi_train, a.multi_n)]
     if a.qa_n > 0:
-        weights = "" if a.qa_type_weights == QUICKSTART_WEIGHTS else "_" + hashlib.sha1(
-            a.qa_type_weights.encode()).hexdigest()[:8]
+        weights = "" if a.qa_type_weights == QUICKSTART_WEIGHTS else suffix(a.qa_type_weights)
         qa_train = synth(data_dir, f"qa_train_{a.qa_n}{weights}",
                          ["--n", str(a.qa_n), "--kind", "qa", "--seed", "1", "--max-turns", "8",
                           "--type-weights", a.qa_type_weights, *world], logs, env)
@@ -279,6 +294,8 @@ def main() -> None:
              "--max-seq-len", str(a.max_seq_len), "--warmup-steps", str(a.warmup_steps), "--seed", str(a.seed),
              "--group-by-length", "--epochs", "20", "--max-minutes", f"{a.minutes - a.setup_minutes:g}",
              "--save-minutes", "0", "--keep-checkpoints", "1"]
+    if a.steps is not None:
+        train += ["--max-steps", str(a.steps)]
     if a.alpha is not None:
         train += ["--lora-alpha", str(a.alpha)]
     if a.tokens:
@@ -314,7 +331,7 @@ def main() -> None:
                      "freeze": a.freeze, "lr": a.lr,
                      "batch_size": a.batch_size, "max_seq_len": a.max_seq_len, "warmup_steps": a.warmup_steps,
                      "multi_n": a.multi_n, "qa_n": a.qa_n, "qa_type_weights": a.qa_type_weights, "seed": a.seed,
-                     "threads": a.threads,
+                     "threads": a.threads, "steps": a.steps, "multi_weights": a.multi_weights,
                      "max_minutes": round(a.minutes - a.setup_minutes, 3)},
         "train_command": "minimind-v " + " ".join(train),
     }
