@@ -77,18 +77,30 @@ def run(args: list[str], logs: Path, name: str, env: dict[str, str]) -> float:
     return wall
 
 
+def synth_code() -> str:
+    """A digest of the synthetic world's source: data written by other code is not reused."""
+    import minimind_v.data.synth as package
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(package.__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def synth(data_dir: Path, name: str, args: list[str], logs: Path, env: dict[str, str]) -> Path:
-    """DATA_DIR/NAME/<split>.jsonl written by `synth --out DATA_DIR/NAME ARGS`, reused when ARGS match."""
+    """DATA_DIR/NAME/<split>.jsonl written by `synth --out DATA_DIR/NAME ARGS`, reused when ARGS and the
+    synthetic world's code match."""
     out = data_dir / name
     split = args[args.index("--split") + 1] if "--split" in args else "train"
     stamp, data = out / "synth_args.json", out / f"{split}.jsonl"
-    if data.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == args:
+    key = {"args": args, "synth_code": synth_code()}
+    if data.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == key:
         log(f"reusing {data}")
         return data
     if out.exists():
         shutil.rmtree(out)
     run(["synth", "--out", str(out), *args], logs, f"synth_{name}", env)
-    stamp.write_text(json.dumps(args))
+    stamp.write_text(json.dumps(key))
     return data
 
 
