@@ -265,6 +265,21 @@ def test_an_images_first_export_reads_the_image_first_whatever_the_order(images_
         return answers
 
     assert without_minimind_v(transformers_only) == [ours.token_ids] * 3
+
+    # The processor moves images as our template does, labelled lines ("first: <image>") whole.
+    contents = ["compare\nfirst: <image>\nsecond: <image>", "第一张：<image>\n第二张：<image>\n比较",
+                "what color is it? <image>\n<image>", "a\n\nb <image> c\n<image>"]
+
+    def processor_ids():
+        processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+        return [processor(text=processor.apply_chat_template([{"role": "user", "content": c}],
+                                                              add_generation_prompt=True),
+                          images=[image, image])["input_ids"][0].tolist() for c in contents]
+
+    cfg = engine.config
+    assert without_minimind_v(processor_ids) == [
+        build_prompt(engine.tokenizer, [{"role": "user", "content": c}], cfg.image_token_id, cfg.image_token_len,
+                     images_first=True) for c in contents]
     assert cli.main(["convert", "import-hf", "--src", str(out), "--out", str(tmp_path / "back")]) == 0
     assert read_config(tmp_path / "back") == read_config(images_first_model_dir)
     assert read_config(tmp_path / "back").images_first

@@ -145,6 +145,14 @@ def test_images_first_reads_a_text_first_turn_as_the_image_first_one(tok_and_ima
     assert images_first(text_first) == CHAT
     two = [{"role": "user", "content": "compare\n<image>\n<image>"}, {"role": "assistant", "content": "same"}]
     assert images_first(two)[0]["content"] == "<image>\n<image>\ncompare"
+    # A labelled image line moves whole: the label still names the image after it.
+    labelled = [{"role": "user", "content": "compare\nfirst: <image>\nsecond: <image>"}, two[1]]
+    assert images_first(labelled)[0]["content"] == "first: <image>\nsecond: <image>\ncompare"
+    zh = [{"role": "user", "content": "比较\n第一张：<image>\n第二张：<image>"}, two[1]]
+    assert images_first(zh)[0]["content"] == "第一张：<image>\n第二张：<image>\n比较"
+    # A question that ends in a marker is no label: the marker alone moves.
+    asked = [{"role": "user", "content": "what color is the square in this picture? <image>"}, two[1]]
+    assert images_first(asked)[0]["content"] == "<image>\nwhat color is the square in this picture? "
     trained = encode_conversation(tokenizer, CHAT, image, n_images=1)
     for conversation in (CHAT, text_first):
         moved = encode_conversation(tokenizer, conversation, first, n_images=1)

@@ -16,7 +16,8 @@ Images: each `<image>` in the text becomes `image_token_len` copies of `image_to
 at the token level (never through BPE). A sample with images and no marker gets one "<image>\\n" per
 image prepended to its first user turn (what the original does); any other count mismatch is bad.
 A model with `images_first` has each user turn's markers moved before its text ("q\\n<image>" reads as
-"<image>\\nq"), in training and in prompts, so where a user puts an image cannot change its answer.
+"<image>\\nq"), in training and in prompts, so where a user puts an image cannot change its answer; a labelled
+image line ("first: <image>") moves whole, its label with it.
 
 The newer generation (minimind-3v): its template has a think block in every assistant turn
 (`<think>\\n{reasoning}\\n</think>\\n\\n`, empty when there is none) and an `open_thinking` switch that only the
@@ -84,14 +85,28 @@ def with_image_markers(messages: list[dict[str, str]], n_images: int) -> list[di
     raise BadSample("marker_mismatch", f"{markers} {IMAGE_MARKER} marker(s) for {n_images} image(s)")
 
 
+_LABELLED = re.compile(rf"[^\n:：<]{{1,24}}[:：] ?{re.escape(IMAGE_MARKER)}")
+"""A line that names its image: a label of a few words, a colon, the marker ("first: <image>", "第二张：<image>",
+"Image 2:<image>")."""
+
+
 def images_first(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Each user turn's `<image>` markers moved before its text, one per line; an image-first turn is unchanged."""
+    """Each user turn's `<image>` markers moved before its text, one per line, in their order; a labelled line
+    ("first: <image>") moves whole, so that its label still says which image follows. An image-first turn is
+    unchanged."""
     out = []
     for message in messages:
-        n = message["content"].count(IMAGE_MARKER)
-        if message["role"] == "user" and n:
-            text = re.sub(rf"{re.escape(IMAGE_MARKER)}\n|\n?{re.escape(IMAGE_MARKER)}", "", message["content"])
-            message = {**message, "content": f"{IMAGE_MARKER}\n" * n + text}
+        if message["role"] == "user" and IMAGE_MARKER in message["content"]:
+            front, text = [], []
+            for line in message["content"].split("\n"):
+                if _LABELLED.fullmatch(line):
+                    front.append(line)
+                    continue
+                front.extend([IMAGE_MARKER] * line.count(IMAGE_MARKER))
+                rest = line.replace(IMAGE_MARKER, "")
+                if rest or IMAGE_MARKER not in line:  # a line that held only markers goes with them
+                    text.append(rest)
+            message = {**message, "content": "\n".join(front + text)}
         out.append(message)
     return out
 

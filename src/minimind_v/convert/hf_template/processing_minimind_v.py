@@ -12,7 +12,8 @@ joined by newlines with one `<image>` per image part, as minimind-v's OpenAI ser
 `<image>` becomes `image_token_len` copies of `image_token_id` at the token level (never through BPE,
 which would merge repeated placeholder characters); batches are left-padded for `generate`. A model
 exported with `images_first` reads each user turn's images before its text: apply_chat_template moves them
-there, whatever the order given, as minimind-v does in training and at inference.
+there, whatever the order given, as minimind-v does in training and at inference; a labelled image line
+("first: <image>") moves whole, its label with it.
 """
 
 import json
@@ -24,6 +25,22 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import cached_file
 
 SETTINGS = ("image_marker", "image_token_id", "image_token_len", "images_first")
+
+
+def images_before_text(content, marker):
+    """The markers moved before the text, one per line, in their order; a labelled line ("first: <image>": a few
+    words, a colon, the marker) moves whole, so its label still names the image that follows."""
+    labelled = re.compile(f"[^\\n:：<]{{1,24}}[:：] ?{re.escape(marker)}")
+    front, text = [], []
+    for line in content.split("\n"):
+        if labelled.fullmatch(line):
+            front.append(line)
+            continue
+        front.extend([marker] * line.count(marker))
+        rest = line.replace(marker, "")
+        if rest or marker not in line:
+            text.append(rest)
+    return "\n".join(front + text)
 
 
 class MiniMindVProcessor(ProcessorMixin):
@@ -112,9 +129,7 @@ class MiniMindVProcessor(ProcessorMixin):
             content = "\n".join(self._part_text(part) for part in message["content"])
         n = content.count(self.image_marker)
         if self.images_first and message["role"] == "user" and n:
-            marker = re.escape(self.image_marker)
-            text = re.sub(f"{marker}\n|\n?{marker}", "", content)
-            content = f"{self.image_marker}\n" * n + text
+            content = images_before_text(content, self.image_marker)
         return {**message, "content": content}
 
     def _part_text(self, part):
