@@ -225,6 +225,7 @@ def main() -> None:
     p.add_argument("--freeze", default="adapter",
                    help="--freeze: adapter trains the adapter alone, llm the projector beside it.")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lora-plus", type=float, default=1.0, help="--lora-plus: the B matrices' rate over --lr.")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--warmup-steps", type=int, default=20)
@@ -310,6 +311,8 @@ def main() -> None:
         train += ["--max-steps", str(a.steps)]
     if a.alpha is not None:
         train += ["--lora-alpha", str(a.alpha)]
+    if a.lora_plus != 1:
+        train += ["--lora-plus", str(a.lora_plus)]
     if a.tokens:
         train += ["--lora-tokens", a.tokens]
     if a.val_n > 0:  # its images must be found under --images too
@@ -340,7 +343,7 @@ def main() -> None:
             "train_within_minutes": wall / 60 <= a.minutes},
         "new_tokens": coverage,
         "settings": {"rank": a.rank, "alpha": a.alpha or 2 * a.rank, "targets": a.targets, "tokens": a.tokens,
-                     "freeze": a.freeze, "lr": a.lr,
+                     "freeze": a.freeze, "lr": a.lr, "lora_plus": a.lora_plus,
                      "batch_size": a.batch_size, "max_seq_len": a.max_seq_len, "warmup_steps": a.warmup_steps,
                      "multi_n": a.multi_n, "qa_n": a.qa_n, "qa_type_weights": a.qa_type_weights, "seed": a.seed,
                      "threads": a.threads, "steps": a.steps, "multi_weights": a.multi_weights,

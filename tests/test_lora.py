@@ -378,7 +378,10 @@ def test_lora_flags_no_run_can_use_are_refused(world, tiny_model_dir, tmp_path, 
                           (["--lora-rank", "0", "--lora-tokens", "red"], "--lora-tokens 'red': retrains embedding "
                                                                          "rows of a LoRA adapter; give --lora-rank"),
                           (["--lora-rank", "0", "--freeze", "adapter"], "--freeze adapter: trains a LoRA adapter "
-                                                                        "alone; give --lora-rank")):
+                                                                        "alone; give --lora-rank"),
+                          (["--lora-plus", "0"], "--lora-plus 0.0: must be positive"),
+                          (["--lora-rank", "0", "--lora-plus", "16"], "--lora-plus 16.0: scales a LoRA adapter's "
+                                                                      "rate; give --lora-rank")):
         capsys.readouterr()
         assert lora_train(world, tiny_model_dir, tmp_path / "run", *flags) == 2
         assert reason in capsys.readouterr().err

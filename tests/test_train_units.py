@@ -126,6 +126,32 @@ def test_frozen_weights_do_not_move(policy):
     assert trainable == {n for n in before if n.startswith(expect) and "post_layernorm" not in n}
 
 
+def test_lora_plus_moves_the_b_matrices_that_many_times_as_far():
+    def first_step(lora_plus: float) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = tiny_vlm()
+        adapters.inject(model, adapters.lora_config(2, 4, ["q_proj", "v_proj"], 0.0, []))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.1)
+        freezing.apply_policy(model, "adapter", train_vision=False, uses_images=True, lora=True)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        opt = optim.build_optimizer(model, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-12,
+                                    lora_plus=lora_plus)
+        optim.set_lr(opt, 1e-3)
+        train_step(model, [batch([12, 9], 0)], opt, Precision.choose("fp32", torch.device("cpu")), 0.0,
+                   torch.device("cpu"))
+        return {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, plus = first_step(1.0), first_step(4.0)
+    assert any("lora_B" in n for n in plain) and any("lora_A" in n for n in plain)
+    for name in plain:  # Adam's first step is lr times the gradient's sign: B four times as far, A alike
+        ratio = 4.0 if "lora_B" in name else 1.0
+        torch.testing.assert_close(plus[name], ratio * plain[name], rtol=1e-4, atol=1e-9)
+        assert plain[name].abs().max() > 0
+
+
 def test_lm_stage_freezes_the_parts_text_cannot_reach():
     model = tiny_vlm()
     freezing.apply_policy(model, "all", train_vision=True, uses_images=False)

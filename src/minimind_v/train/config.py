@@ -45,6 +45,9 @@ class LoraSettings:
     """Comma-separated words whose embedding rows also learn (every token of each, as written at a line's start and
     after a space; the output head's rows with them, tied): for answers in words the base model never learned to
     write, which the low-rank layers alone cannot."""
+    lora_plus: float = 1.0
+    """LoRA+: the adapter's B matrices learn at this multiple of --lr, its A matrices at --lr (the LoRA+ paper uses
+    16); 1: one rate for all."""
 
 
 @dataclass
@@ -110,7 +113,7 @@ class TrainConfig:
     """The 3v recipe's random edits of training conversations (--system-prompt-ratio, --drop-empty-think-ratio)."""
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"inline": True})
     """LoRA instead of training the language model's weights (--lora-rank, --lora-alpha, --lora-targets,
-    --lora-dropout, --lora-tokens)."""
+    --lora-dropout, --lora-tokens, --lora-plus)."""
     dpo_beta: float = 0.1
     """DPO's beta: an answer's reward is beta times its log-probability gain over the starting model; larger keeps
     the model closer to where it started."""
@@ -194,6 +197,10 @@ def check_lora(lora: LoraSettings) -> None:
         raise UserError(f"--lora-rank {lora.lora_rank}: must not be negative (0: no adapter)")
     if lora.lora_alpha is not None and lora.lora_alpha <= 0:
         raise UserError(f"--lora-alpha {lora.lora_alpha}: must be positive")
+    if not lora.lora_plus > 0:
+        raise UserError(f"--lora-plus {lora.lora_plus}: must be positive (1: the B matrices at --lr)")
+    if lora.lora_plus != 1 and lora.lora_rank == 0:
+        raise UserError(f"--lora-plus {lora.lora_plus}: scales a LoRA adapter's rate; give --lora-rank too")
     if not 0 <= lora.lora_dropout < 1:
         raise UserError(f"--lora-dropout {lora.lora_dropout}: must be at least 0 and below 1")
     if lora_words(lora) and lora.lora_rank == 0:

@@ -20,27 +20,30 @@ def _no_decay_ids(model: nn.Module) -> set[int]:
     return ids
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups of trainable parameters: with and without weight decay (frozen ones never enter)."""
+def param_groups(model: nn.Module, weight_decay: float, lora_plus: float = 1.0) -> list[dict]:
+    """AdamW groups of trainable parameters: with and without weight decay (frozen ones never enter); with
+    `lora_plus` != 1 the adapter's B matrices in groups of their own, whose "lr_scale" set_lr applies."""
     no_decay = _no_decay_ids(model)
-    decay_params, plain_params = [], []
-    for param in model.parameters():  # parameters() yields a tied tensor once
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():  # yields a tied tensor once
         if param.requires_grad:
-            (plain_params if id(param) in no_decay else decay_params).append(param)
-    groups = [{"params": decay_params, "weight_decay": weight_decay},
-              {"params": plain_params, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+            scale = lora_plus if "lora_B" in name else 1.0
+            groups.setdefault((id(param) in no_decay, scale), []).append(param)
+    return [{"params": params, "weight_decay": 0.0 if plain else weight_decay, "lr_scale": scale}
+            for (plain, scale), params in sorted(groups.items())]
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float, fused: bool = True) -> torch.optim.AdamW:
+                    eps: float, fused: bool = True, lora_plus: float = 1.0) -> torch.optim.AdamW:
     """AdamW over the trainable parameters of `model`; `fused`: the one-launch kernel where the parameters
-    are on CUDA (it exists for CUDA tensors only)."""
-    groups = param_groups(model, weight_decay)
+    are on CUDA (it exists for CUDA tensors only); `lora_plus`: the B matrices' rate as a multiple of `lr`."""
+    groups = param_groups(model, weight_decay, lora_plus)
     if not groups:
         raise ValueError("no trainable parameters: the freezing policy left nothing to train")
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=(fused and on_cuda) or None)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=(fused and on_cuda) or None)
+    set_lr(optimizer, lr)
+    return optimizer
 
 
 def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -66,5 +69,6 @@ def schedule_step(step: int, first_step: int, total_steps: int, clock_used: floa
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group at `lr` times its "lr_scale" (param_groups: LoRA+'s B matrices)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -147,7 +147,8 @@ def batch_tokens(cfg: TrainConfig) -> int | None:
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """The config's AdamW over what trains: the one optimizer every training loop uses."""
-    return optim.build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps)
+    return optim.build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps,
+                                 lora_plus=cfg.lora.lora_plus)
 
 
 def open_data(cfg: TrainConfig, start: build.Start, settings: RunSettings, info: DistInfo, model: MiniMindVLM,
