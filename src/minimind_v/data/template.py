@@ -91,24 +91,26 @@ _LABELLED = re.compile(rf"[^\n:：<]{{1,24}}[:：] ?{re.escape(IMAGE_MARKER)}")
 
 
 def images_first(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Each user turn's `<image>` markers moved before its text, one per line, in their order; a labelled line
-    ("first: <image>") moves whole, so that its label still says which image follows. An image-first turn is
+    """Each user turn's `<image>` markers moved before its text (images_before_text); an image-first turn is
     unchanged."""
-    out = []
-    for message in messages:
-        if message["role"] == "user" and IMAGE_MARKER in message["content"]:
-            front, text = [], []
-            for line in message["content"].split("\n"):
-                if _LABELLED.fullmatch(line):
-                    front.append(line)
-                    continue
-                front.extend([IMAGE_MARKER] * line.count(IMAGE_MARKER))
-                rest = line.replace(IMAGE_MARKER, "")
-                if rest or IMAGE_MARKER not in line:  # a line that held only markers goes with them
-                    text.append(rest)
-            message = {**message, "content": "\n".join(front + text)}
-        out.append(message)
-    return out
+    return [{**m, "content": images_before_text(m["content"])} if m["role"] == "user" and IMAGE_MARKER in m["content"]
+            else m for m in messages]
+
+
+def images_before_text(content: str) -> str:
+    """The markers moved before the text, one per line, in their order; a labelled line ("first: <image>") moves
+    whole, so that its label still says which image follows. The exported processor
+    (convert/hf_template/processing_minimind_v.py) has its own copy: it runs without minimind_v."""
+    front, text = [], []
+    for line in content.split("\n"):
+        if _LABELLED.fullmatch(line):
+            front.append(line)
+            continue
+        front.extend([IMAGE_MARKER] * line.count(IMAGE_MARKER))
+        rest = line.replace(IMAGE_MARKER, "")
+        if rest or IMAGE_MARKER not in line:  # a line that held only markers goes with them
+            text.append(rest)
+    return "\n".join(front + text)
 
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
