@@ -20,7 +20,7 @@ Issue #22's condition is the first form (a time budget, alone on the machine); t
 a fixed step count, so that two runs can share the cores without the machine deciding how far each gets.
 
 The defaults are the run docs/experiments.md reports: rank 8 on all seven targets, the adapter alone
-(--freeze adapter), the rows of NEW_WORDS, LoRA+ at 4 and batch 8 (1.8x the steps of batch 16 in the same time).
+(--freeze adapter), the rows of NEW_WORDS, LoRA+ at 4 and batch 8 (1.67x the steps of batch 16 in the same time).
 
 Progress goes to stderr; each command's output to OUT/logs/. Data and the before-evaluations are reused from
 --data-dir when they were made by the same commands (default OUT/data). `--threads N` sets OMP_NUM_THREADS for
